@@ -1,0 +1,1 @@
+"""PTQ4ADM calibration: conditioning coverage, activation-aware sampling, sensitivity, plans."""

@@ -1,0 +1,1 @@
+"""Compilation targets (executorch, coreml, tensorrt, onnx); one module each, listed in one table."""
