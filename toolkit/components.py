@@ -1,0 +1,84 @@
+"""The three deployable components of a pipeline, as plain modules with fixed tensor signatures.
+
+What a device runs, and what every target exports:
+
+| component     | inputs                                   | output                         |
+| ------------- | ---------------------------------------- | ------------------------------ |
+| `vae_encoder` | audio (1, C, segment_samples)            | latent (1, D, L) — mean × scale |
+| `denoiser`    | x (B, D, L), t (B,), cond (B, D, L)      | v (B, D, L)                    |
+| `vae_decoder` | latent (1, D, L)                         | audio (1, C, segment_samples)  |
+
+B is 2 when classifier-free guidance runs both branches in one call, 1 when guidance is folded
+into a distilled student. The latent scale is folded into the encoder and decoder, so the device
+loop needs nothing but the sampler table. The VAE's weight norm and Snake exponentials are folded
+(``fold_for_export``) so that XNNPACK takes them as one delegate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from toolkit.checkpoint import Pipeline
+from toolkit.models.oobleck import fold_for_export
+
+COMPONENTS = ("vae_encoder", "denoiser", "vae_decoder")
+
+
+class VAEEncoderExport(nn.Module):
+    def __init__(self, vae: nn.Module, latent_scale: float):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.latent_scale = latent_scale
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        mean, _ = self.encoder(audio).chunk(2, dim=1)  # deploy with the posterior mean
+        return mean * self.latent_scale
+
+
+class VAEDecoderExport(nn.Module):
+    def __init__(self, vae: nn.Module, latent_scale: float):
+        super().__init__()
+        self.decoder = vae.decoder
+        self.inv_scale = 1.0 / latent_scale
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent * self.inv_scale)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A component ready to export: the module, example inputs and the tensor names."""
+
+    name: str
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+def denoiser_batch(pipeline: Pipeline) -> int:
+    return 1 if pipeline.config.guidance_folded else 2
+
+
+def component_specs(pipeline: Pipeline, *, seed: int = 0) -> dict[str, ComponentSpec]:
+    """The three components of ``pipeline`` with seeded example inputs of the deployed shapes."""
+    g = torch.Generator().manual_seed(seed)
+    vae = fold_for_export(pipeline.vae).eval()
+    scale = pipeline.config.latent_scale
+    d, length = pipeline.latent_shape
+    b = denoiser_batch(pipeline)
+    audio = 0.1 * torch.randn(1, pipeline.audio_channels, pipeline.segment_samples, generator=g)
+    return {
+        "vae_encoder": ComponentSpec("vae_encoder", VAEEncoderExport(vae, scale).eval(), (audio,),
+                                     ("audio",), ("latent",)),
+        "denoiser": ComponentSpec(
+            "denoiser", pipeline.denoiser.eval(),
+            (torch.randn(b, d, length, generator=g), torch.rand(b, generator=g),
+             torch.randn(b, d, length, generator=g)),
+            ("x", "t", "cond"), ("v",)),
+        "vae_decoder": ComponentSpec("vae_decoder", VAEDecoderExport(vae, scale).eval(),
+                                     (torch.randn(1, d, length, generator=g),), ("latent",), ("audio",)),
+    }

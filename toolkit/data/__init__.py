@@ -1,0 +1,1 @@
+"""Data: the synthetic vocal/accompaniment generator and the stems-folder loader."""
