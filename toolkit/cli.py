@@ -1,0 +1,223 @@
+"""The ``toolkit`` command: parse, build the config, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _models(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
+    from toolkit.models.softalign import SOFTALIGN_PRESETS, SoftAlignUNet
+
+    rows = []
+    with torch.device("meta"):
+        for name, cfg in SOFTALIGN_PRESETS.items():
+            n = sum(p.numel() for p in SoftAlignUNet(cfg).parameters())
+            rows.append({"component": "denoiser", "family": "softalign", "name": name,
+                         "parameters": n, "latent_shape": list(cfg.latent_shape),
+                         "channels": list(cfg.channels)})
+        for name, cfg in OOBLECK_PRESETS.items():
+            n = sum(p.numel() for p in OobleckVAE(cfg).parameters())
+            rows.append({"component": "vae", "family": "oobleck", "name": name, "parameters": n,
+                         "sample_rate": cfg.sample_rate, "audio_channels": cfg.audio_channels,
+                         "latent_dim": cfg.latent_dim, "downsampling": cfg.downsampling})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        extra = (f"latent {r['latent_shape'][0]}x{r['latent_shape'][1]}" if r["component"] == "denoiser"
+                 else f"{r['audio_channels']}ch {r['sample_rate']} Hz, latent {r['latent_dim']}, "
+                      f"{r['downsampling']}x down")
+        print(f"{r['component']:9s} {r['family']:9s} {r['name']:6s} {r['parameters'] / 1e6:8.3f} M  {extra}")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from toolkit.data.synth import write_synth_dataset
+
+    paths = write_synth_dataset(Path(args.out), n=args.n, seconds=args.seconds,
+                                sample_rate=args.sample_rate, channels=args.channels, seed=args.seed)
+    print(f"wrote {len(paths)} tracks to {args.out}")
+    return 0
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from toolkit.training import VAETrainArgs, train_vae
+
+    t0 = time.time()
+    out = train_vae(Path(args.data), Path(args.out), VAETrainArgs(
+        preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+        segment_samples=args.segment_samples, lr=args.lr, kl_weight=args.kl_weight, seed=args.seed))
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from toolkit.training import DenoiserTrainArgs, train_denoiser
+
+    t0 = time.time()
+    out = train_denoiser(Path(args.data), Path(args.vae), Path(args.out), DenoiserTrainArgs(
+        preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weighting=args.weighting, seed=args.seed, default_steps=args.default_steps,
+        default_guidance=args.default_guidance), name=args.name,
+        provenance={"command": "toolkit " + " ".join(sys.argv[1:])})
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import soundfile as sf
+
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.data.stems import read_audio
+    from toolkit.generate import generate_accompaniment
+
+    pipe = load_checkpoint(args.checkpoint)
+    vocals = read_audio(Path(args.vocals), sample_rate=pipe.sample_rate, channels=pipe.audio_channels)
+    steps = args.steps or pipe.config.default_steps
+    guidance = pipe.config.default_guidance if args.guidance is None else args.guidance
+    t0 = time.time()
+    acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.wav")
+    sf.write(tmp, acc.T, pipe.sample_rate)
+    tmp.replace(out)
+    print(f"wrote {out} ({acc.shape[-1] / pipe.sample_rate:.2f} s, {steps} steps, guidance "
+          f"{guidance}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.evaluate import musical_agreement
+    from toolkit.models.softalign import SoftAlignUNet
+
+    pipe = load_checkpoint(args.checkpoint)
+    if args.random_denoiser:
+        torch.manual_seed(args.seed)
+        pipe = dataclasses.replace(pipe, denoiser=SoftAlignUNet(pipe.denoiser.config).eval())
+    steps = args.steps or pipe.config.default_steps
+    guidance = pipe.config.default_guidance if args.guidance is None else args.guidance
+    result = musical_agreement(pipe, Path(args.data), steps=steps, guidance=guidance, seed=args.seed,
+                               max_tracks=args.max_tracks)
+    result["denoiser"] = "random weights" if args.random_denoiser else "trained"
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "per_track"}, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from toolkit.pipeline_run import run_main_job
+
+    summary = run_main_job(Path(args.out), checkpoint=args.checkpoint, steps=args.steps,
+                           seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="toolkit", description=(
+        "adm-edge: take an audio latent diffusion model from the GPU cluster to a device."))
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("run", help="the main job on a checkpoint (default: the embedded demo)")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
+    s.add_argument("--out", default="runs/demo", help="output directory")
+    s.add_argument("--steps", type=int, default=8, help="DDIM steps (fewer: faster, rougher)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_run)
+
+    s = sub.add_parser("models", help="list the built-in model configs")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_models)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", required=True)
+    s = data.add_parser("synth", help="write synthetic vocal/accompaniment pairs with labels")
+    s.add_argument("--out", required=True, help="new stems folder to write")
+    s.add_argument("--n", type=int, default=16, help="number of tracks")
+    s.add_argument("--seconds", type=float, default=4.096, help="track length in seconds")
+    s.add_argument("--sample-rate", type=int, default=16000)
+    s.add_argument("--channels", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_data_synth)
+
+    s = sub.add_parser("train-vae", help="train a small Oobleck VAE on a stems folder (resumable)")
+    s.add_argument("--data", required=True, help="stems folder")
+    s.add_argument("--out", required=True, help="VAE component directory to write")
+    s.add_argument("--preset", default="demo", help="Oobleck preset (toolkit models)")
+    s.add_argument("--steps", type=int, default=3000)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--segment-samples", type=int, default=16384, help="crop length per example")
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--kl-weight", type=float, default=1e-4,
+                   help="higher: smoother latents, blurrier reconstructions")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_train_vae)
+
+    s = sub.add_parser("train", help="train a SoftAlign denoiser on VAE latents (resumable)")
+    s.add_argument("--data", required=True, help="stems folder")
+    s.add_argument("--vae", required=True, help="VAE component directory (from train-vae)")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--name", default="demo", help="model name recorded in pipeline.json")
+    s.add_argument("--preset", default="demo", help="SoftAlign preset (toolkit models)")
+    s.add_argument("--steps", type=int, default=4000)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--lr", type=float, default=3.5e-4)
+    s.add_argument("--weighting", choices=["mse", "snr"], default="mse",
+                   help="mse: seed 000 eq. 5; snr: eq. 6 (unbounded weight near t=0)")
+    s.add_argument("--default-steps", type=int, default=50)
+    s.add_argument("--default-guidance", type=float, default=3.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("generate", help="full-precision reference inference: vocals in, accompaniment out")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
+    s.add_argument("--vocals", required=True, help="vocal WAV (resampled to the model's rate)")
+    s.add_argument("--out", required=True, help="accompaniment WAV to write")
+    s.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the checkpoint's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_generate)
+
+    s = sub.add_parser("evaluate", help="musical agreement with the true chords of labelled pairs")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
+    s.add_argument("--data", required=True, help="labelled stems folder (toolkit data synth)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--max-tracks", type=int, default=None)
+    s.add_argument("--random-denoiser", action="store_true",
+                   help="baseline: same architecture and VAE, denoiser with random weights")
+    s.add_argument("--out", default=None, help="write the full result (per track) as JSON")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from toolkit.checkpoint_errors import CheckpointError
+    from toolkit.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
