@@ -119,11 +119,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from toolkit.bundle import export_bundle
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.matrix import ALL_TARGETS
+
+    targets = ALL_TARGETS if "all" in args.target else tuple(dict.fromkeys(args.target))
+    plan = json.loads(Path(args.plan).read_text()) if args.plan else None
+    budget = json.loads(args.quality_budget) if args.quality_budget else None
+    pipe = load_checkpoint(args.checkpoint)
+    for target in targets:
+        t0 = time.time()
+        path = export_bundle(pipe, target=target, out_root=Path(args.out), precision=args.precision,
+                             steps=args.steps, guidance=args.guidance, plan=plan,
+                             calib=Path(args.calib) if args.calib else None, quality_budget=budget,
+                             force=args.force)
+        manifest = json.loads((path / "manifest.json").read_text())
+        parity = {name: c["parity"].get("sqnr_db", c["parity"]["status"])
+                  for name, c in manifest["components"].items()}
+        print(f"{path}  ({time.time() - t0:.0f} s)  parity SQNR dB: {parity}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from toolkit.report import write_matrix
+
+    written = write_matrix([Path(p) for p in args.reports], Path(args.out))
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.matrix import ALL_TARGETS, run_matrix
+
+    pipe = load_checkpoint(args.checkpoint)
+    targets = ALL_TARGETS if "all" in args.target else tuple(dict.fromkeys(args.target))
+    result = run_matrix(pipe, Path(args.out), targets=targets, steps=args.steps, runs=args.runs,
+                        log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=2))
+    failed = [t for t, r in result["reports"].items() if r["status"] == "fail"]
+    return 1 if failed else 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from toolkit.pipeline_run import run_main_job
 
     summary = run_main_job(Path(args.out), checkpoint=args.checkpoint, steps=args.steps,
-                           seed=args.seed)
+                           seed=args.seed, runs=args.runs, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -137,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
     s.add_argument("--out", default="runs/demo", help="output directory")
     s.add_argument("--steps", type=int, default=8, help="DDIM steps (fewer: faster, rougher)")
+    s.add_argument("--runs", type=int, default=3, help="timed runs per latency figure")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_run)
 
@@ -149,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new stems folder to write")
     s.add_argument("--n", type=int, default=16, help="number of tracks")
     s.add_argument("--seconds", type=float, default=4.096, help="track length in seconds")
-    s.add_argument("--sample-rate", type=int, default=16000)
+    s.add_argument("--sample-rate", type=int, default=8000)
     s.add_argument("--channels", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_data_synth)
@@ -160,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="demo", help="Oobleck preset (toolkit models)")
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--segment-samples", type=int, default=16384, help="crop length per example")
+    s.add_argument("--segment-samples", type=int, default=8192, help="crop length per example")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--kl-weight", type=float, default=1e-4,
                    help="higher: smoother latents, blurrier reconstructions")
@@ -193,6 +238,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_generate)
 
+    targets = ["executorch", "onnx", "tensorrt", "coreml", "all"]
+    s = sub.add_parser("export", help="compile every component to a target as a self-describing bundle")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
+    s.add_argument("--target", action="append", required=True, choices=targets,
+                   help="repeatable; 'all' for every target")
+    s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: half the bytes, looser parity floor")
+    s.add_argument("--plan", default=None, help="per-layer precision plan JSON (quantization issue)")
+    s.add_argument("--calib", default=None, help="calibration set directory (quantization issue)")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps baked into the manifest")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale baked into the manifest")
+    s.add_argument("--quality-budget", default=None,
+                   help='JSON overriding the budget, e.g. \'{"latent_snr_db_min": 30}\'')
+    s.add_argument("--force", action="store_true", help="keep a bundle whose parity check fails")
+    s.add_argument("--out", default="bundles", help="directory for the bundles")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("report", help="merge device reports into a device matrix (md, html, png)")
+    s.add_argument("reports", nargs="+", help="report JSON files from runtime_py verify")
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(func=_report)
+
+    s = sub.add_parser("matrix", help="CI leg: export to every target, verify here, write the matrix")
+    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
+    s.add_argument("--target", action="append", default=["all"], choices=targets)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--runs", type=int, default=3, help="timed runs per measurement")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_matrix)
+
     s = sub.add_parser("evaluate", help="musical agreement with the true chords of labelled pairs")
     s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
     s.add_argument("--data", required=True, help="labelled stems folder (toolkit data synth)")
@@ -214,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileExistsError, ValueError) as exc:
+    except (CheckpointError, ConfigError, FileExistsError, ValueError, NotImplementedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

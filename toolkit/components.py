@@ -34,8 +34,9 @@ class VAEEncoderExport(nn.Module):
         self.latent_scale = latent_scale
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.encoder(audio).chunk(2, dim=1)  # deploy with the posterior mean
-        return mean * self.latent_scale
+        h = self.encoder(audio)
+        # Deploy with the posterior mean (first half); a slice, not chunk(), so XNNPACK takes it all.
+        return h[:, : h.shape[1] // 2] * self.latent_scale
 
 
 class VAEDecoderExport(nn.Module):

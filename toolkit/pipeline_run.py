@@ -1,7 +1,8 @@
 """``toolkit run``: the main job on a checkpoint (default: the embedded demo).
 
-Today: synthesise a labelled vocal, generate its accompaniment at full precision, score its
-musical agreement, and write everything under ``out``.
+Synthesise a labelled vocal, generate its accompaniment at full precision and score its musical
+agreement; then export every component to every target, verify each bundle that can run here (the
+others are reported ``unavailable`` with the reason) and write the device matrix, all under ``out``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from toolkit.data.synth import synth_pair
 from toolkit.generate import generate_accompaniment
 
 
-def run_main_job(out: Path, *, checkpoint: Path | None, steps: int, seed: int) -> dict:
+def run_main_job(out: Path, *, checkpoint: Path | None, steps: int, seed: int,
+                 targets: tuple[str, ...] | None = None, runs: int = 3, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_checkpoint(checkpoint)
     seconds = pipe.segment_samples / pipe.sample_rate
@@ -42,5 +44,9 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int, seed: int) -
         "tempo_match": tempo_agreement(acc, pipe.sample_rate, labels)["tempo_match"],
         "outputs": {"vocals": str(out / "vocals.wav"), "accompaniment": str(out / "accompaniment.wav")},
     }
+    from toolkit.matrix import ALL_TARGETS, run_matrix
+
+    summary["matrix"] = run_matrix(pipe, out, targets=targets or ALL_TARGETS, steps=steps, runs=runs,
+                                   log=log)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -28,6 +28,7 @@ from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckConfig, OobleckVAE
 from toolkit.models.softalign import SOFTALIGN_PRESETS, SoftAlignUNet
 
 STATE_FILE = "train_state.pt"
+TRAIN_INFO = "train_info.json"  # how a VAE component was trained; copied into pipeline.json
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool):
@@ -89,7 +90,7 @@ class VAETrainArgs:
     preset: str = "demo"
     steps: int = 3000
     batch_size: int = 8
-    segment_samples: int = 16384
+    segment_samples: int = 8192
     lr: float = 1e-3
     kl_weight: float = 1e-4
     seed: int = 0
@@ -109,6 +110,7 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
     if args.segment_samples % config.downsampling:
         raise ValueError(f"segment_samples must be a multiple of {config.downsampling}")
     state_dir = Path(state_dir or f"{out_dir}-state")
+    t_start = time.time()
     tracks = load_audio_set(Path(data_dir), sample_rate=config.sample_rate, channels=config.audio_channels)
     clips = [a for t in tracks for a in (t.vocals, t.accompaniment)]
     if min(c.shape[-1] for c in clips) < args.segment_samples:
@@ -120,7 +122,7 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr * 0.05)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    step = 0
+    step, rec_losses = 0, []
     arg_dict = vars(args) | {"data": str(Path(data_dir).resolve())}
     state = _load_state(state_dir)
     if state is not None:
@@ -128,11 +130,13 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"]); rng.bit_generator.state = state["numpy_rng"]
         gen.set_state(state["torch_rng"]); step = state["step"]
+        rec_losses = state.get("rec_losses", [])
 
     def checkpoint() -> None:
         _save_state(state_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "numpy_rng": rng.bit_generator.state,
-                                "torch_rng": gen.get_state(), "step": step, "args": arg_dict})
+                                "torch_rng": gen.get_state(), "step": step, "args": arg_dict,
+                                "rec_losses": rec_losses})
 
     model.train()
     bar = progress(args.steps, step, "train-vae", show_progress)
@@ -150,7 +154,8 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); step += 1
-        bar.update(1); bar.set_postfix(rec=f"{rec.item():.3f}", kl=f"{out.kl.item():.1f}")
+        rec_losses.append(rec.item())
+        bar.update(1); bar.set_postfix(rec=f"{np.mean(rec_losses[-50:]):.3f}", kl=f"{out.kl.item():.1f}")
         if step % save_every == 0 or step == args.steps or step == stop_at:
             checkpoint()
         if step == stop_at:
@@ -162,6 +167,12 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
     if tmp.exists():
         import shutil; shutil.rmtree(tmp)
     save_component(tmp, config, model.eval())
+    (tmp / TRAIN_INFO).write_text(json.dumps({
+        "trained_with": "toolkit train-vae", "command": "toolkit " + " ".join(sys.argv[1:]),
+        "args": arg_dict, "wall_time_s_last_run": round(time.time() - t_start, 1),
+        "reconstruction_loss_first_100": float(np.mean(rec_losses[:100])),
+        "reconstruction_loss_last_100": float(np.mean(rec_losses[-100:])),
+    }, indent=2) + "\n")
     if out_dir.exists():
         import shutil; shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -268,7 +279,10 @@ def train_denoiser(data_dir: Path, vae_dir: Path, out_dir: Path, args: DenoiserT
             "trained_with": "toolkit train", "args": arg_dict, "examples": n,
             "final_loss_mean_last_100": float(np.mean(losses[-100:])),
             "first_loss_mean_first_100": float(np.mean(losses[:100])),
-            "wall_time_s_this_run": round(time.time() - t0, 1), **(provenance or {}),
+            "wall_time_s_last_run": round(time.time() - t0, 1),
+            "vae": (json.loads((Path(vae_dir) / TRAIN_INFO).read_text())
+                    if (Path(vae_dir) / TRAIN_INFO).is_file() else None),
+            **(provenance or {}),
         },
     )
     pipe = Pipeline(config=pipeline_config, denoiser=model.eval(), vae=vae)

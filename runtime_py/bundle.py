@@ -1,0 +1,95 @@
+"""Reading a bundle on the device: the manifest, the sha256 of every file, the reference arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "toolkit_version", "model", "target", "precision", "runtime",
+                 "sampler", "audio", "components", "files", "quality_budget", "reference")
+COMPONENTS = ("vae_encoder", "denoiser", "vae_decoder")
+
+
+class BundleError(ValueError):
+    """A bundle is incomplete, altered or malformed; the message names the file and the field."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX paths), the manifest excepted."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def validate_manifest(manifest: dict, *, source: str) -> None:
+    """Schema check of a manifest: required keys, the three components, a consistent sampler table."""
+    for key in REQUIRED_KEYS:
+        if key not in manifest:
+            raise BundleError(f"{source}: field '{key}' is missing; re-export the bundle")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{source}: field 'format_version' is {manifest['format_version']!r}; this "
+                          f"runtime reads {FORMAT_VERSION}")
+    for name in COMPONENTS:
+        comp = manifest["components"].get(name)
+        if comp is None:
+            raise BundleError(f"{source}: components.{name} is missing")
+        for key in ("path", "inputs", "outputs", "precision"):
+            if key not in comp:
+                raise BundleError(f"{source}: components.{name}.{key} is missing")
+    s = manifest["sampler"]
+    for key in ("t", "alpha", "sigma", "guidance", "guidance_folded", "steps", "denoiser_batch"):
+        if key not in s:
+            raise BundleError(f"{source}: sampler.{key} is missing")
+    if not (len(s["t"]) == len(s["alpha"]) == len(s["sigma"]) == s["steps"] + 1):
+        raise BundleError(f"{source}: sampler table lengths disagree with sampler.steps={s['steps']}")
+    for i, (a, sg) in enumerate(zip(s["alpha"], s["sigma"])):
+        if abs(a * a + sg * sg - 1.0) > 1e-6:
+            raise BundleError(f"{source}: sampler row {i}: alpha² + sigma² = {a * a + sg * sg:.6f} ≠ 1")
+
+
+def load_manifest(bundle: Path, *, check_hashes: bool = True) -> dict:
+    """Load and validate ``bundle/manifest.json``; with ``check_hashes`` every file's sha256 too."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path}: not found; is {bundle} a bundle written by `toolkit export`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    validate_manifest(manifest, source=str(path))
+    if check_hashes:
+        actual = hash_tree(bundle)
+        for rel, digest in manifest["files"].items():
+            if rel not in actual:
+                raise BundleError(f"{bundle / rel}: listed in the manifest but missing; re-copy the bundle")
+            if actual[rel] != digest:
+                raise BundleError(f"{bundle / rel}: sha256 mismatch (manifest {digest[:12]}…, file "
+                                  f"{actual[rel][:12]}…); the file was altered or corrupted in transit")
+        extra = sorted(set(actual) - set(manifest["files"]))
+        if extra:
+            raise BundleError(f"{bundle / extra[0]}: not listed in the manifest ({len(extra)} unlisted)")
+    return manifest
+
+
+def load_reference(bundle: Path, manifest: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs, outputs) of the bundle's full-precision reference."""
+    ref = manifest["reference"]
+    with np.load(Path(bundle) / ref["inputs"]) as f:
+        inputs = {k: f[k] for k in f.files}
+    with np.load(Path(bundle) / ref["outputs"]) as f:
+        outputs = {k: f[k] for k in f.files}
+    return inputs, outputs

@@ -1,0 +1,209 @@
+"""``python -m runtime_py verify BUNDLE``: run a bundle on this device, time it, judge its quality.
+
+Loads the manifest, checks every file's sha256, runs the whole pipeline (encode vocal → numpy
+DDIM loop with CFG → decode) through the target's runtime, times each component and the whole
+generation (warm-up, then min / p50 / p90), and compares the outputs with the bundle's
+full-precision reference using the paired metrics, each also relative to the reference's own
+seed-to-seed spread. The quality budget in the manifest decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime_py import metrics
+from runtime_py.bundle import BundleError, load_manifest, load_reference
+from runtime_py.sampler import guided, sample_ddim
+
+REPORT_FORMAT_VERSION = 1
+
+
+def _stats_ms(samples_s: list[float]) -> dict:
+    ms = np.asarray(samples_s) * 1e3
+    return {"runs": len(ms), "min_ms": float(ms.min()), "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean())}
+
+
+def _timed(fn, *, warmup: int, runs: int) -> tuple[dict, object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return {"warmup": warmup, **_stats_ms(times)}, out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def device_info(target: str, threads: int | None) -> dict:
+    from runtime_py.runners import runtime_version
+
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
+            "runtime": {target: runtime_version(target)}}
+
+
+class Pipeline:
+    """The three runners plus the sampler, as a device runs them."""
+
+    def __init__(self, bundle: Path, manifest: dict, *, threads: int | None):
+        from runtime_py.runners import load_runner
+
+        self.manifest = manifest
+        target = manifest["target"]
+        self.runners = {name: load_runner(target, Path(bundle) / comp["path"], threads=threads)
+                        for name, comp in manifest["components"].items()}
+        s = manifest["sampler"]
+        self.table = {"t": s["t"], "alpha": s["alpha"], "sigma": s["sigma"]}
+        self.guidance, self.folded = float(s["guidance"]), bool(s["guidance_folded"])
+        self.denoiser_calls = 0
+
+    def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
+        outputs = self.runners[name].run({k: np.ascontiguousarray(v, dtype=np.float32)
+                                          for k, v in inputs.items()})
+        return next(iter(outputs.values()))
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        return self._run("vae_encoder", audio=audio)
+
+    def denoise(self, x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        self.denoiser_calls += 1
+        return self._run("denoiser", x=x, t=t, cond=cond)
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        return self._run("vae_decoder", latent=latent)
+
+    def sample(self, cond: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        den = guided(self.denoise, cond, self.guidance, folded=self.folded)
+        return sample_ddim(den, noise.astype(np.float32), self.table)
+
+    def generate(self, vocals: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        latent = self.sample(self.encode(vocals), noise)
+        return latent, self.decode(latent)
+
+
+def _distances(ref_audio, test_audio, sample_rate) -> dict:
+    return metrics.paired_audio_metrics(ref_audio, test_audio, sample_rate)
+
+
+def judge(aggregate: dict, budget: dict) -> list[dict]:
+    """Budget lines: each with its value, limit and pass/fail."""
+    lines = []
+    if "latent_snr_db_min" in budget:
+        v = aggregate["latent_snr_db"]
+        lines.append({"metric": "latent_snr_db (worst example)", "value": v,
+                      "limit": f">= {budget['latent_snr_db_min']}",
+                      "pass": bool(v >= budget["latent_snr_db_min"])})
+    if "max_relative_to_spread" in budget:
+        for k in metrics.DISTANCES:
+            v = aggregate["relative_to_spread"][k]
+            lines.append({"metric": f"{k} / seed spread (worst example)", "value": v,
+                          "limit": f"<= {budget['max_relative_to_spread']}",
+                          "pass": bool(v <= budget["max_relative_to_spread"])})
+    return lines
+
+
+def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
+    """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract)."""
+    from runtime_py.runners import runtime_unavailable
+
+    bundle = Path(bundle)
+    report = {"format_version": REPORT_FORMAT_VERSION, "bundle": str(bundle), "target": None,
+              "device": None, "latency": {}, "end_to_end": {}, "memory": {}, "quality": {},
+              "budget": {}, "status": "fail", "reason": None}
+    try:
+        manifest = load_manifest(bundle)
+    except BundleError as exc:
+        report["reason"] = str(exc)
+        return report
+    target = manifest["target"]
+    report.update(target=target, model=manifest["model"], precision=manifest["precision"],
+                  device=device_info(target, threads), budget={"limits": manifest["quality_budget"]})
+    why = runtime_unavailable(target)
+    if why is not None:
+        report.update(status="unavailable", reason=why)
+        return report
+
+    pipe = Pipeline(bundle, manifest, threads=threads)
+    inputs, ref = load_reference(bundle, manifest)
+    sr = manifest["audio"]["sample_rate"]
+    per_example = []
+    for i in range(inputs["vocals"].shape[0]):
+        vocals = inputs["vocals"][i:i + 1]
+        cond = pipe.encode(vocals)
+        spread = _distances(ref["audio"][i, 0], ref["audio"][i, 1], sr)
+        for j in range(inputs["noise"].shape[1]):
+            latent = pipe.sample(cond, inputs["noise"][i, j:j + 1])
+            audio = pipe.decode(latent)
+            dist = _distances(ref["audio"][i, j], audio[0], sr)
+            per_example.append({
+                "example": i, "seed_index": j,
+                "vocal_latent_snr_db": metrics.snr_db(ref["vocal_latent"][i], cond[0]),
+                "latent_snr_db": metrics.snr_db(ref["latents"][i, j], latent[0]),
+                **dist, "seed_spread": spread,
+                "relative_to_spread": metrics.relative_to_spread(dist, spread),
+            })
+    aggregate = {
+        "latent_snr_db": float(min(e["latent_snr_db"] for e in per_example)),
+        "latent_snr_db_mean": float(np.mean([min(e["latent_snr_db"], 200.0) for e in per_example])),
+        "relative_to_spread": {k: float(max(e["relative_to_spread"][k] for e in per_example))
+                               for k in metrics.DISTANCES},
+        **{k: float(np.mean([e[k] for e in per_example])) for k in metrics.DISTANCES},
+        "si_snr_db": float(np.mean([min(e["si_snr_db"], 200.0) for e in per_example])),
+    }
+    report["quality"] = {"per_example": per_example, "aggregate": aggregate}
+
+    # Latency: each component on its deployed shapes, then whole generations.
+    vocals, noise = inputs["vocals"][:1], inputs["noise"][0, :1]
+    cond = pipe.encode(vocals)
+    b = manifest["sampler"]["denoiser_batch"]
+    x_b = np.concatenate([noise] * b)
+    t_b = np.full((b,), manifest["sampler"]["t"][0], dtype=np.float32)
+    c_b = np.concatenate([cond] * b)
+    lat = {}
+    lat["vae_encoder"], _ = _timed(lambda: pipe.encode(vocals), warmup=warmup, runs=runs)
+    lat["denoiser"], _ = _timed(lambda: pipe.denoise(x_b, t_b, c_b), warmup=warmup, runs=runs)
+    lat["vae_decoder"], _ = _timed(lambda: pipe.decode(cond), warmup=warmup, runs=runs)
+    report["latency"] = lat
+    pipe.denoiser_calls = 0
+    pipe.generate(vocals, noise)
+    calls = pipe.denoiser_calls
+    e2e, _ = _timed(lambda: pipe.generate(vocals, noise), warmup=warmup, runs=runs)
+    audio_s = manifest["audio"]["segment_samples"] / sr
+    report["end_to_end"] = {**e2e, "steps": manifest["sampler"]["steps"], "audio_seconds": audio_s,
+                            "denoiser_calls_per_generation": calls,
+                            "denoiser_calls_per_step": calls / manifest["sampler"]["steps"],
+                            "real_time_factor": audio_s / (e2e["p50_ms"] / 1e3)}
+    report["memory"] = {"peak_rss_mb": peak_rss_mb(),
+                        "note": "peak RSS of the verifying process (runtime + arrays)"}
+    lines = judge(aggregate, manifest["quality_budget"])
+    report["budget"]["lines"] = lines
+    passed = all(line["pass"] for line in lines)
+    report["status"] = "pass" if passed else "fail"
+    report["reason"] = None if passed else "quality budget exceeded: " + ", ".join(
+        line["metric"] for line in lines if not line["pass"])
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    os.replace(tmp, out)

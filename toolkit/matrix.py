@@ -1,0 +1,58 @@
+"""``toolkit matrix`` (the CI leg on this host) and the export/verify half of ``toolkit run``.
+
+Exports a checkpoint to every target, verifies each bundle in its own ``python -m runtime_py
+verify`` subprocess (isolating runtimes, with a timeout), keeps a report for those that cannot run
+here (status ``unavailable`` with the reason) and writes the device matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from toolkit.bundle import export_bundle
+from toolkit.checkpoint import Pipeline
+from toolkit.report import write_matrix
+
+ALL_TARGETS = ("executorch", "onnx", "tensorrt", "coreml")
+VERIFY_TIMEOUT_S = 600
+
+
+def verify_in_subprocess(bundle: Path, report: Path, *, runs: int, warmup: int,
+                         threads: int | None = None) -> dict:
+    cmd = [sys.executable, "-m", "runtime_py", "verify", str(bundle), "--runs", str(runs),
+           "--warmup", str(warmup), "--out", str(report)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"runtime_py verify {bundle} exceeded {VERIFY_TIMEOUT_S} s") from None
+    if not report.is_file():
+        raise RuntimeError(f"runtime_py verify {bundle} wrote no report:\n{proc.stderr[-2000:]}")
+    return json.loads(report.read_text())
+
+
+def run_matrix(pipeline: Pipeline, out: Path, *, targets: tuple[str, ...] = ALL_TARGETS,
+               steps: int | None = None, runs: int = 3, warmup: int = 1,
+               log=print) -> dict:
+    out = Path(out)
+    bundles_dir, reports_dir = out / "bundles", out / "reports"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    result = {"bundles": {}, "reports": {}}
+    report_paths = []
+    for target in targets:
+        log(f"export {target} ...")
+        bundle = export_bundle(pipeline, target=target, out_root=bundles_dir, steps=steps)
+        result["bundles"][target] = str(bundle)
+        log(f"verify {bundle.name} ...")
+        report_path = reports_dir / f"{bundle.name}.report.json"
+        report = verify_in_subprocess(bundle, report_path, runs=runs, warmup=warmup)
+        result["reports"][target] = {"path": str(report_path), "status": report["status"],
+                                     "reason": report["reason"]}
+        report_paths.append(report_path)
+    written = write_matrix(report_paths, out / "matrix")
+    result["matrix"] = {k: str(v) for k, v in written.items()}
+    return result
