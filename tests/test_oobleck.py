@@ -105,7 +105,7 @@ def test_config_rejects(change, field):
 
 def test_presets():
     assert OOBLECK_PRESETS["sao"].downsampling == 2048
-    assert OOBLECK_PRESETS["demo"].downsampling == 256
+    assert OOBLECK_PRESETS["demo"].downsampling == 32
     assert OOBLECK_PRESETS["tiny"].downsampling == 8
 
 

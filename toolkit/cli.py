@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new stems folder to write")
     s.add_argument("--n", type=int, default=16, help="number of tracks")
     s.add_argument("--seconds", type=float, default=4.096, help="track length in seconds")
-    s.add_argument("--sample-rate", type=int, default=8000)
+    s.add_argument("--sample-rate", type=int, default=16000)
     s.add_argument("--channels", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_data_synth)
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="demo", help="Oobleck preset (toolkit models)")
     s.add_argument("--steps", type=int, default=3000)
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--segment-samples", type=int, default=8192, help="crop length per example")
+    s.add_argument("--segment-samples", type=int, default=2048, help="crop length per example")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--kl-weight", type=float, default=1e-4,
                    help="higher: smoother latents, blurrier reconstructions")

@@ -90,7 +90,7 @@ class VAETrainArgs:
     preset: str = "demo"
     steps: int = 3000
     batch_size: int = 8
-    segment_samples: int = 8192
+    segment_samples: int = 2048
     lr: float = 1e-3
     kl_weight: float = 1e-4
     seed: int = 0
