@@ -72,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
     import soundfile as sf
 
     from toolkit.checkpoint import load_checkpoint
@@ -84,12 +85,22 @@ def _generate(args: argparse.Namespace) -> int:
     guidance = pipe.config.default_guidance if args.guidance is None else args.guidance
     t0 = time.time()
     acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=args.seed)
+    rate = sf.info(str(args.vocals)).samplerate
+    if rate != pipe.sample_rate:  # hand back audio at the vocal's rate, sample for sample as long
+        from fractions import Fraction
+
+        from scipy.signal import resample_poly
+
+        ratio = Fraction(rate, pipe.sample_rate)
+        acc = resample_poly(acc, ratio.numerator, ratio.denominator, axis=-1)
+        n = sf.info(str(args.vocals)).frames
+        acc = np.pad(acc, ((0, 0), (0, max(0, n - acc.shape[-1]))))[:, :n].astype(np.float32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.wav")
-    sf.write(tmp, acc.T, pipe.sample_rate)
+    sf.write(tmp, acc.T, rate)
     tmp.replace(out)
-    print(f"wrote {out} ({acc.shape[-1] / pipe.sample_rate:.2f} s, {steps} steps, guidance "
+    print(f"wrote {out} ({acc.shape[-1] / rate:.2f} s, {steps} steps, guidance "
           f"{guidance}) in {time.time() - t0:.1f} s")
     return 0
 
