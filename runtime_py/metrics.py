@@ -115,7 +115,9 @@ def _biquad(x: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 def _k_weighting(sample_rate: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """ITU-R BS.1770-4 K-weighting (high shelf + high pass), coefficients for any sample rate."""
+    """ITU-R BS.1770-4 K-weighting (high shelf + high pass), coefficients for any sample rate.
+
+    The shelf is left out when its 1.7 kHz corner is not below 0.45 × the sample rate."""
     def shelf(fc, gain_db, q):
         k = np.tan(np.pi * fc / sample_rate)
         vh, vb = 10 ** (gain_db / 20), 10 ** (gain_db / 40)
@@ -129,8 +131,13 @@ def _k_weighting(sample_rate: int) -> list[tuple[np.ndarray, np.ndarray]]:
         return (np.array([1.0, -2.0, 1.0]),
                 np.array([1.0, 2 * (k * k - 1) / a0, (1 - k / q + k * k) / a0]))
 
-    return [shelf(1681.974450955533, 3.999843853973347, 0.7071752369554196),
-            highpass(38.13547087602444, 0.5003270373238773)]
+    stages = [highpass(38.13547087602444, 0.5003270373238773)]
+    shelf_hz = 1681.974450955533
+    # The +4 dB shelf acts above ~1.7 kHz; at rates whose band ends below it (the 2 kHz demo) there
+    # is nothing for it to weight, and its bilinear transform is undefined past Nyquist.
+    if shelf_hz < 0.45 * sample_rate:
+        stages.insert(0, shelf(shelf_hz, 3.999843853973347, 0.7071752369554196))
+    return stages
 
 
 def loudness_lufs(audio: np.ndarray, sample_rate: int) -> float:

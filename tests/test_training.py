@@ -74,7 +74,8 @@ def run_cli(*args, check=True):
 
 def test_cli_help_lists_verbs():
     out = run_cli("--help").stdout
-    for verb in ("run", "models", "data", "train-vae", "train", "generate", "evaluate"):
+    for verb in ("run", "models", "data", "train-vae", "train", "generate", "evaluate", "export",
+                 "report", "matrix", "calibrate", "sensitivity", "plan", "distill"):
         assert verb in out
 
 

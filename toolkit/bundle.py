@@ -26,7 +26,7 @@ from runtime_py import metrics
 from runtime_py.bundle import FORMAT_VERSION, MANIFEST, hash_tree, validate_manifest
 from toolkit.checkpoint import Pipeline
 from toolkit.components import COMPONENTS, component_specs, denoiser_batch
-from toolkit.data.synth import synth_pair
+from toolkit.data.synth import synth_pair_at_rate
 from toolkit.diffusion import make_table
 from toolkit.generate import decode_latent, encode_audio, sample_latent
 
@@ -56,7 +56,7 @@ def make_reference(pipeline: Pipeline, *, steps: int, guidance: float, examples:
     # The synthesizer writes at least a second (one melody note); longer than a segment is cropped.
     seconds = max(1.0, pipeline.segment_samples / pipeline.sample_rate)
     vocals = np.stack([
-        synth_pair(20_000 + i, seconds=seconds, sample_rate=pipeline.sample_rate,
+        synth_pair_at_rate(20_000 + i, seconds=seconds, sample_rate=pipeline.sample_rate,
                    channels=pipeline.audio_channels)[0][:, :pipeline.segment_samples]
         for i in range(examples)]).astype(np.float32)
     noise = np.stack([

@@ -290,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write the full result (per track) as JSON")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_evaluate)
+
+    # Verbs owned by other packages register themselves (their heavy imports stay lazy).
+    from calibration.plan import add_plan_parser
+    from calibration.sampling import add_calibrate_parser
+    from calibration.sensitivity import add_sensitivity_parser
+
+    add_calibrate_parser(sub)
+    add_sensitivity_parser(sub)
+    add_plan_parser(sub)
+    from toolkit.distill import add_distill_parser
+
+    add_distill_parser(sub)
     return p
 
 

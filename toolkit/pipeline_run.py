@@ -15,7 +15,7 @@ import soundfile as sf
 
 from toolkit.checkpoint import load_checkpoint
 from toolkit.data.music import chord_agreement, tempo_agreement
-from toolkit.data.synth import synth_pair
+from toolkit.data.synth import synth_pair_at_rate
 from toolkit.generate import generate_accompaniment
 
 
@@ -24,7 +24,7 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int, seed: int,
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_checkpoint(checkpoint)
     seconds = pipe.segment_samples / pipe.sample_rate
-    vocals, true_acc, labels = synth_pair(10_000 + seed, seconds=seconds, sample_rate=pipe.sample_rate,
+    vocals, true_acc, labels = synth_pair_at_rate(10_000 + seed, seconds=seconds, sample_rate=pipe.sample_rate,
                                           channels=pipe.audio_channels)
     sf.write(out / "vocals.wav", vocals.T, pipe.sample_rate)
     t0 = time.time()

@@ -113,10 +113,15 @@ def read_audio(path: Path, *, sample_rate: int, channels: int) -> np.ndarray:
                 f"{path}: has {n_channels} channels; only mono and stereo files are supported, "
                 "downmix it to stereo or mono first"
             )
-    if file_rate != sample_rate:
+    return resample(audio, int(file_rate), sample_rate)
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Polyphase resampling of (C, N) float audio along the last axis (float32 out)."""
+    if from_rate != to_rate:
         from scipy.signal import resample_poly
 
-        ratio = Fraction(sample_rate, int(file_rate))
+        ratio = Fraction(to_rate, from_rate)
         audio = resample_poly(audio, ratio.numerator, ratio.denominator, axis=-1)
     return np.ascontiguousarray(audio, dtype=np.float32)
 

@@ -576,3 +576,17 @@ def write_synth_dataset(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return [out_dir / name for name in names]
+
+
+def synth_pair_at_rate(
+    seed: int, *, seconds: float, sample_rate: int, channels: int = 1
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``synth_pair`` for any model rate: rendered at ≥ MIN_SAMPLE_RATE, then resampled."""
+    from toolkit.data.stems import resample
+
+    render_rate = max(sample_rate, MIN_SAMPLE_RATE)
+    vocals, accompaniment, labels = synth_pair(seed, seconds=seconds, sample_rate=render_rate,
+                                               channels=channels)
+    labels = {**labels, "sample_rate": sample_rate, "rendered_at_hz": render_rate}
+    return (resample(vocals, render_rate, sample_rate), resample(accompaniment, render_rate, sample_rate),
+            labels)
