@@ -41,7 +41,7 @@ from runtime_py.metrics import DISTANCES, log_mel, paired_audio_metrics, relativ
 from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from toolkit.data.music import chord_agreement  # noqa: E402
 from toolkit.data.stems import list_tracks, load_track  # noqa: E402
-from toolkit.data.synth import MIN_SECONDS, write_synth_dataset  # noqa: E402
+from toolkit.data.synth import MIN_SAMPLE_RATE, MIN_SECONDS, write_synth_dataset  # noqa: E402
 from toolkit.distill import WEIGHTINGS, DistillArgs, distill  # noqa: E402
 from toolkit.generate import generate_accompaniment  # noqa: E402
 
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:
             data = work / f"train-{a.train_n}x{seconds:.3f}s-seed{TRAIN_SEED}"
             if not data.is_dir():
-                write_synth_dataset(data, n=a.train_n, seconds=seconds, sample_rate=teacher.sample_rate,
+                write_synth_dataset(data, n=a.train_n, seconds=seconds, sample_rate=max(teacher.sample_rate, MIN_SAMPLE_RATE),
                                     channels=teacher.audio_channels, seed=TRAIN_SEED, progress=True)
         heldout = work / f"heldout-{a.heldout_n}x{seconds:.3f}s-seed{HELDOUT_SEED}"
         if not heldout.is_dir():
-            write_synth_dataset(heldout, n=a.heldout_n, seconds=seconds, sample_rate=teacher.sample_rate,
+            write_synth_dataset(heldout, n=a.heldout_n, seconds=seconds, sample_rate=max(teacher.sample_rate, MIN_SAMPLE_RATE),
                                 channels=teacher.audio_channels, seed=HELDOUT_SEED, progress=True)
         tracks = [load_track(t, sample_rate=teacher.sample_rate, channels=teacher.audio_channels)
                   for t in list_tracks(heldout)]
