@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch
 from torch import nn
 
 from calibration.coverage import augment_audio, report_json_safe
+from toolkit.atomic import atomic_directory
 from toolkit.checkpoint import Pipeline
 from toolkit.data.stems import list_tracks, load_track
 from toolkit.diffusion import guided_denoiser, make_table, sample_ddim
@@ -252,20 +250,9 @@ def load_vocal_clips(pipeline: Pipeline, data_dir: Path, *, max_tracks: int | No
 
 
 def _write_dir_atomically(out_dir: Path, write, *, overwrite: bool) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another --out or remove it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(Path(out_dir), overwrite=overwrite) as tmp:
         write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def calibrate(

@@ -11,11 +11,7 @@ temporary directory and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,7 @@ import torch
 import toolkit
 from runtime_py import metrics
 from runtime_py.bundle import FORMAT_VERSION, MANIFEST, hash_tree, validate_manifest
+from toolkit.atomic import atomic_directory
 from toolkit.checkpoint import Pipeline
 from toolkit.components import COMPONENTS, component_specs, denoiser_batch
 from toolkit.data.synth import synth_pair_at_rate
@@ -136,10 +133,7 @@ def export_bundle(
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / bundle_name(pipeline.config.name, target, precision)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_root))
-    try:
+    with atomic_directory(final, overwrite=overwrite) as tmp:
         specs = component_specs(pipeline)
         components = {}
         for name in COMPONENTS:
@@ -188,10 +182,4 @@ def export_bundle(
         manifest["files"] = hash_tree(tmp)
         validate_manifest(manifest, source=str(final / MANIFEST))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

@@ -8,10 +8,7 @@ validate, and a tensor that does not match its config are errors naming the file
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from toolkit.atomic import atomic_directory
 from toolkit.checkpoint_errors import CheckpointError, check_state_dict
 from toolkit.config import ConfigError, config_from_dict, config_to_dict, register, require
 from toolkit.diffusion import CosineSchedule
@@ -111,7 +109,7 @@ def check_compatible(config: PipelineConfig, den: SoftAlignConfig, vae: OobleckC
 
 
 def save_component(directory: Path, config: Any, module: torch.nn.Module) -> None:
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE),
@@ -121,22 +119,12 @@ def save_component(directory: Path, config: Any, module: torch.nn.Module) -> Non
 def save_checkpoint(out_dir: Path, pipeline: Pipeline, *, overwrite: bool = False) -> Path:
     """Write ``pipeline`` to ``out_dir`` atomically (temporary sibling directory, then rename)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another --out or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / PIPELINE_FILE).write_text(
             json.dumps({"format_version": FORMAT_VERSION, **config_to_dict(pipeline.config)},
                        indent=2) + "\n")
         save_component(tmp / "denoiser", pipeline.denoiser.config, pipeline.denoiser)
         save_component(tmp / "vae", pipeline.vae.config, pipeline.vae)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolkit.atomic import atomic_directory
 from toolkit.checkpoint import (
     Pipeline, PipelineConfig, load_component, save_checkpoint, save_component,
 )
@@ -163,19 +163,14 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
             return None
     bar.close()
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        import shutil; shutil.rmtree(tmp)
-    save_component(tmp, config, model.eval())
-    (tmp / TRAIN_INFO).write_text(json.dumps({
-        "trained_with": "toolkit train-vae", "command": "toolkit " + " ".join(sys.argv[1:]),
-        "args": arg_dict, "wall_time_s_last_run": round(time.time() - t_start, 1),
-        "reconstruction_loss_first_100": float(np.mean(rec_losses[:100])),
-        "reconstruction_loss_last_100": float(np.mean(rec_losses[-100:])),
-    }, indent=2) + "\n")
-    if out_dir.exists():
-        import shutil; shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        save_component(tmp, config, model.eval())
+        (tmp / TRAIN_INFO).write_text(json.dumps({
+            "trained_with": "toolkit train-vae", "command": "toolkit " + " ".join(sys.argv[1:]),
+            "args": arg_dict, "wall_time_s_last_run": round(time.time() - t_start, 1),
+            "reconstruction_loss_first_100": float(np.mean(rec_losses[:100])),
+            "reconstruction_loss_last_100": float(np.mean(rec_losses[-100:])),
+        }, indent=2) + "\n")
     return out_dir
 
 

@@ -1,0 +1,32 @@
+"""Atomic outputs: write into a temporary sibling, rename into place when complete.
+
+A crash or a kill midway leaves the previous output (or nothing) under the final name, never a
+half-written directory that looks whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_directory(final: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; on success it replaces ``final``."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; choose another output or remove it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
