@@ -373,7 +373,14 @@ def resynthesize(rng: np.random.Generator, *, seconds: float, sample_rate: int,
             a["end_s"] = b["start_s"]
         notes[-1]["end_s"] = labels["seconds"]
     labels["melody"] = notes
-    return synth.render_vocals(labels, rng, sample_rate=sample_rate)
+    # The synthesizer renders at >= 8 kHz; lower model rates (the 2 kHz demo) are resampled to.
+    render_rate = max(sample_rate, synth.MIN_SAMPLE_RATE)
+    y = synth.render_vocals(labels, rng, sample_rate=render_rate)
+    if render_rate == sample_rate:
+        return y
+    from toolkit.data.stems import resample
+
+    return resample(np.asarray(y, np.float32)[None], render_rate, sample_rate)[0].astype(np.asarray(y).dtype)
 
 
 # --- Algorithm 1 for audio --------------------------------------------------------------------
