@@ -392,3 +392,13 @@ def test_cli_parsers_register(tmp_path):
     assert a.func(a) == 0
     plan = json.loads(out.read_text())
     assert plan["name"] == "w4a8" and plan["budget"]["met"]
+
+
+def test_resynthesis_below_the_synthesizer_rate():
+    """The 2 kHz demo's coverage loop resynthesizes below the synthesizer's 8 kHz floor."""
+    import numpy as np
+
+    from calibration.coverage import resynthesize
+
+    y = resynthesize(np.random.default_rng(0), seconds=1.0, sample_rate=2000)
+    assert y.shape[-1] == 2000 and np.isfinite(y).all() and np.abs(y).max() > 0
