@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -53,6 +51,7 @@ from calibration.precision import PRECISIONS  # noqa: E402
 from calibration.quality import log_mel_frechet  # noqa: E402
 from calibration.sampling import STRATEGIES, calibrate, load_calibration_set, load_vocal_clips  # noqa: E402
 from runtime_py.metrics import DISTANCES, paired_audio_metrics, relative_to_spread, snr_db  # noqa: E402
+from benchmarks._record import append_section  # noqa: E402
 from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint  # noqa: E402
 
 from toolkit.data.synth import (MIN_SAMPLE_RATE, MIN_SECONDS, synth_pair_at_rate, track_seed,  # noqa: E402
@@ -68,13 +67,6 @@ EVAL_DATA_SEED = 4004  # the evaluation vocals (and their true accompaniments, f
 EVAL_NOISE_SEED = 4104  # the evaluation's initial noises; +1 for the seed-to-seed spread
 DEFAULT_PRECISIONS = ("w8a8", "w4a8")
 METRIC_KEYS = ("latent_snr_db", *(f"rel_{k}" for k in DISTANCES), "si_snr_db", "fd", "dfd", "dfd_pct")
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()} · {platform.platform()} · {platform.processor() or platform.machine()} · "
-            f"{os.cpu_count()} CPUs · {gpu} · torch {torch.__version__} · "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
 def tiny_pipeline() -> Pipeline:
@@ -338,12 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         print(f"\n{notes}\nwall time {wall:.0f} s", file=sys.stderr)
         if append:
-            header = "" if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-            with BENCHMARKS_MD.open("a") as fh:
-                fh.write(f"{header}\n## {SECTION} ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)\n\n"
-                         f"Command: `{command}`  \nWall time: {wall:.0f} s  \nMachine: {machine()}\n\n"
-                         f"{notes}\n\n{table}\n")
-            print(f"appended to {BENCHMARKS_MD}", file=sys.stderr)
+            append_section(SECTION, command=command, wall_s=wall, notes=notes, table=table,
+                           path=BENCHMARKS_MD)
     finally:
         if tmp_work is not None:
             shutil.rmtree(tmp_work, ignore_errors=True)

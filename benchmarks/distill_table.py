@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runtime_py.metrics import DISTANCES, log_mel, paired_audio_metrics, relative_to_spread  # noqa: E402
+from benchmarks._record import append_section  # noqa: E402
 from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from toolkit.data.music import chord_agreement  # noqa: E402
 from toolkit.data.stems import list_tracks, load_track  # noqa: E402
@@ -66,13 +65,6 @@ def frechet_log_mel(a_frames: np.ndarray, b_frames: np.ndarray) -> float:
     value = float((mu_a - mu_b) @ (mu_a - mu_b) + np.trace(cov_a) + np.trace(cov_b)
                   - 2.0 * np.sum(np.sqrt(np.clip(cross, 0.0, None))))
     return max(value, 0.0)
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()} · {platform.platform()} · {platform.processor() or platform.machine()} · "
-            f"{os.cpu_count()} CPUs · {gpu} · torch {torch.__version__} · "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
 def tiny_teacher(path: Path) -> Path:
@@ -239,13 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         print(f"\n{notes}\nwall time {wall:.0f} s", file=sys.stderr)
         if append:
-            header = "" if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-            with BENCHMARKS_MD.open("a") as fh:
-                fh.write(f"{header}\n## Progressive distillation, seed 003 Table 1 "
-                         f"({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)\n\n"
-                         f"Command: `{command}`  \nWall time: {wall:.0f} s  \nMachine: {machine()}\n\n"
-                         f"{notes}\n\n{table}\n")
-            print(f"appended to {BENCHMARKS_MD}", file=sys.stderr)
+            append_section("Progressive distillation, seed 003 Table 1", command=command, wall_s=wall, notes=notes, table=table,
+                           path=BENCHMARKS_MD)
     finally:
         if tmp_work is not None:
             shutil.rmtree(tmp_work, ignore_errors=True)
