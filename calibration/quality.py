@@ -16,15 +16,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import scipy.linalg
-from scipy.signal import resample_poly
 
 from runtime_py.metrics import log_mel
+from toolkit.data.stems import resample
 
 # Added to both covariance diagonals when (Σ_a Σ_b)^½ is not finite (singular covariances, e.g.
 # fewer frames than dimensions); the offset used by the reference FAD/FID implementations.
@@ -51,15 +50,6 @@ def _mono(audio: np.ndarray) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"audio must be (N,) or (C, N), got shape {a.shape}")
     return a
-
-
-def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Polyphase resampling along the last axis with the exact rational factor."""
-    if from_rate == to_rate:
-        return np.asarray(audio, dtype=np.float64)
-    ratio = Fraction(int(to_rate), int(from_rate))
-    return resample_poly(np.asarray(audio, dtype=np.float64), ratio.numerator, ratio.denominator,
-                         axis=-1)
 
 
 class LogMelEmbedding:
@@ -156,7 +146,7 @@ class TorchScriptEmbedding:
 
         x = _mono(audio)
         if self.sample_rate is not None:
-            x = resample(x, sample_rate, self.sample_rate)
+            x = resample(x[None], sample_rate, self.sample_rate)[0].astype(np.float64)
         with torch.no_grad():
             out = self.module(torch.from_numpy(x.astype(np.float32))[None])
         out = out.detach().to(torch.float64).numpy()
@@ -187,7 +177,7 @@ class MLPEmbedding:
         x = _mono(audio)
         rate = sample_rate
         if self.sample_rate is not None:
-            x, rate = resample(x, sample_rate, self.sample_rate), self.sample_rate
+            x, rate = resample(x[None], sample_rate, self.sample_rate)[0].astype(np.float64), self.sample_rate
         h = self.features.embed(x, rate)
         for i, (w, b) in enumerate(self.layers):
             h = h @ w.T + b
@@ -275,7 +265,7 @@ def visqol(reference: np.ndarray, test: np.ndarray, sample_rate: int) -> dict:
         paths = []
         for name, audio in (("reference.wav", reference), ("test.wav", test)):
             p = Path(tmp) / name
-            soundfile.write(p, resample(_mono(audio), sample_rate, VISQOL_AUDIO_RATE).astype(np.float32),
+            soundfile.write(p, resample(_mono(audio)[None], sample_rate, VISQOL_AUDIO_RATE)[0],
                             VISQOL_AUDIO_RATE, subtype="FLOAT")
             paths.append(str(p))
         result = api.measure(*paths)
