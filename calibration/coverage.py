@@ -95,11 +95,6 @@ VOICING_APERIODICITY = 0.35  # frames whose best dip stays above this are unvoic
 SILENCE_DB = -50.0  # frames this far below the clip's loudest frame are unvoiced regardless
 
 
-def _mono(audio: np.ndarray) -> np.ndarray:
-    a = np.asarray(audio, dtype=np.float64)
-    return a.mean(axis=0) if a.ndim == 2 else a
-
-
 def _frames(x: np.ndarray, frame: int, hop: int) -> np.ndarray:
     if x.size < frame:
         x = np.pad(x, (0, frame - x.size))
@@ -113,7 +108,7 @@ def f0_autocorrelation(audio: np.ndarray, sample_rate: int) -> tuple[np.ndarray,
     YIN (de Cheveigné & Kawahara 2002): d(τ) = Σ (x_j − x_{j+τ})², cumulative-mean normalised; the
     first dip below ``YIN_THRESHOLD`` picks the period (the plain autocorrelation peak makes octave
     errors on voices with strong formants)."""
-    x = _mono(audio)
+    x = music.to_mono(audio)
     w = int(round(F0_FRAME_S * sample_rate))
     hop = int(round(F0_HOP_S * sample_rate))
     tau_max = min(w, int(math.ceil(sample_rate / F0_MIN_HZ)))
@@ -182,7 +177,7 @@ def vibrato_depth_cents(midi: np.ndarray, voiced: np.ndarray) -> float:
 
 def onset_times(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """Onset times (s): peaks of ``music.onset_strength`` above a third of its maximum, ≥ 80 ms apart."""
-    env, rate = music.onset_strength(_mono(audio), sample_rate)
+    env, rate = music.onset_strength(music.to_mono(audio), sample_rate)
     if env.max() <= 0:
         return np.zeros(0)
     thresh = env.max() / 3.0
@@ -197,7 +192,7 @@ def onset_times(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 
 def measure_features(audio: np.ndarray, sample_rate: int) -> dict[str, float]:
     """Every feature the aspects bin; NaN where a feature cannot be measured (e.g. no voiced frame)."""
-    x = _mono(audio)
+    x = music.to_mono(audio)
     nan = float("nan")
     hz, voiced = f0_autocorrelation(x, sample_rate)
     midi = _hz_to_midi(hz)
@@ -491,7 +486,7 @@ def augment_audio(
     """
     rng = np.random.default_rng(seed)
     names = bin_names(aspects)
-    examples = [_measure(Example(n, _mono(a), source=n, transforms=[]), sample_rate, aspects)
+    examples = [_measure(Example(n, music.to_mono(a), source=n, transforms=[]), sample_rate, aspects)
                 for n, a in clips]
     if not examples:
         raise ValueError("no conditioning clips to cover")

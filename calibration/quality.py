@@ -23,6 +23,7 @@ import numpy as np
 import scipy.linalg
 
 from runtime_py.metrics import log_mel
+from toolkit.data.music import to_mono
 from toolkit.data.stems import resample
 
 # Added to both covariance diagonals when (Σ_a Σ_b)^½ is not finite (singular covariances, e.g.
@@ -43,15 +44,6 @@ class EmbeddingModel(Protocol):
         ...
 
 
-def _mono(audio: np.ndarray) -> np.ndarray:
-    a = np.asarray(audio, dtype=np.float64)
-    if a.ndim == 2:
-        a = a.mean(axis=0)
-    if a.ndim != 1:
-        raise ValueError(f"audio must be (N,) or (C, N), got shape {a.shape}")
-    return a
-
-
 class LogMelEmbedding:
     """The weight-free embedding: each log-mel frame (``runtime_py.metrics.log_mel``) is a vector."""
 
@@ -59,7 +51,7 @@ class LogMelEmbedding:
         self.n_mels = n_mels
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        return log_mel(_mono(audio), sample_rate, n_mels=self.n_mels)
+        return log_mel(to_mono(audio), sample_rate, n_mels=self.n_mels)
 
 
 def gaussian_stats(embeddings: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +136,7 @@ class TorchScriptEmbedding:
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         import torch
 
-        x = _mono(audio)
+        x = to_mono(audio)
         if self.sample_rate is not None:
             x = resample(x[None], sample_rate, self.sample_rate)[0].astype(np.float64)
         with torch.no_grad():
@@ -174,7 +166,7 @@ class MLPEmbedding:
         self.features = LogMelEmbedding(n_mels=layers[0][0].shape[1])
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
-        x = _mono(audio)
+        x = to_mono(audio)
         rate = sample_rate
         if self.sample_rate is not None:
             x, rate = resample(x[None], sample_rate, self.sample_rate)[0].astype(np.float64), self.sample_rate
@@ -265,7 +257,7 @@ def visqol(reference: np.ndarray, test: np.ndarray, sample_rate: int) -> dict:
         paths = []
         for name, audio in (("reference.wav", reference), ("test.wav", test)):
             p = Path(tmp) / name
-            soundfile.write(p, resample(_mono(audio)[None], sample_rate, VISQOL_AUDIO_RATE)[0],
+            soundfile.write(p, resample(to_mono(audio)[None], sample_rate, VISQOL_AUDIO_RATE)[0],
                             VISQOL_AUDIO_RATE, subtype="FLOAT")
             paths.append(str(p))
         result = api.measure(*paths)

@@ -36,6 +36,7 @@ import torch
 from toolkit.checkpoint import Pipeline, load_checkpoint, save_checkpoint
 from toolkit.config import register, require
 from toolkit.diffusion import CosineSchedule, alpha_sigma, diffuse, guided_denoiser, x0_from_v
+from toolkit.training import save_state
 
 STATE_FILE = "distill_state.pt"
 LATENTS_FILE = "latents.pt"
@@ -278,10 +279,7 @@ def cached_latents(pipeline: Pipeline, data_dir: Path, state_dir: Path, *,
             return cached["vocals"], cached["accompaniment"]
     vocals, accs = encode_latent_pairs(pipeline, Path(data_dir))
     if write:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "vocals": vocals, "accompaniment": accs}, tmp)
-        os.replace(tmp, path)
+        save_state(state_dir, {"key": key, "vocals": vocals, "accompaniment": accs}, name=LATENTS_FILE)
     return vocals, accs
 
 
@@ -328,13 +326,6 @@ def _init_distributed(device: str | None) -> _Dist:
 
 
 # --- the loop ---------------------------------------------------------------------------------------
-
-
-def _save_state(state_dir: Path, payload: dict) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (STATE_FILE + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, state_dir / STATE_FILE)
 
 
 def _round_dir(out_dir: Path, round_index: int, steps: int) -> Path:
@@ -445,13 +436,13 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
 
     def save(round_k: int, step_k: int) -> None:
         if writer:
-            _save_state(state_dir, {
+            save_state(state_dir, {
                 "round": round_k, "step": step_k, "losses": losses, "args": arg_dict,
                 "written": [str(p) for p in written], "torch_rng": gen.get_state(),
                 "teacher": teacher_model.state_dict(),
                 "model": student.state_dict() if round_k <= args.rounds else None,
                 "optimizer": opt.state_dict() if round_k <= args.rounds else None,
-            })
+            }, name=STATE_FILE)
 
     local = slice(dist.rank * args.batch_size // dist.world,
                   (dist.rank + 1) * args.batch_size // dist.world)

@@ -85,38 +85,36 @@ def plot_matrix(table: list[dict], out_dir: Path) -> list[Path]:
     labels = [f"{r['bundle']}\n{r['device']}" for r in ran]
     x = np.arange(len(ran))
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ran)), 4))
+    def new_axes():
+        return plt.subplots(figsize=(max(5, 1.6 * len(ran)), 4))
+
+    def finish(fig, ax, name: str, ylabel: str, title: str) -> None:
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    fig, ax = new_axes()
     bottom = np.zeros(len(ran))
     for c in COMPONENT_ORDER:
         vals = np.array([r[f"{c}_p50_ms"] or 0.0 for r in ran])
         ax.bar(x, vals, bottom=bottom, label=f"{c} (one call)")
         bottom += vals
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("p50 latency per call (ms)")
-    ax.set_title("Component latency per target and device")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "latency.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    finish(fig, ax, "latency.png", "p50 latency per call (ms)", "Component latency per target and device")
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ran)), 4))
+    fig, ax = new_axes()
     ax.bar(x, [r["rtf"] for r in ran])
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="real time")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("real-time factor (audio s / wall s)")
-    ax.set_title("End-to-end real-time factor")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "rtf.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    finish(fig, ax, "rtf.png", "real-time factor (audio s / wall s)", "End-to-end real-time factor")
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ran)), 4))
+    fig, ax = new_axes()
     ax.bar(x, [r["worst_rel_spread"] or 0.0 for r in ran], label="worst paired distance / seed spread")
     ax.axhline(0.25, color="r", lw=0.8, ls="--", label="default budget (0.25)")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("fraction of the model's own seed spread")
-    ax.set_title("Quality against the budget")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "quality.png"); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    finish(fig, ax, "quality.png", "fraction of the model's own seed spread", "Quality against the budget")
     return paths
 
 

@@ -38,11 +38,21 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
-def _save_state(state_dir: Path, payload: dict) -> None:
+def save_state(state_dir: Path, payload: dict, *, name: str = STATE_FILE) -> None:
+    """Write a resumable training state atomically (temporary file, then rename)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / (STATE_FILE + ".tmp")
+    tmp = state_dir / (name + ".tmp")
     torch.save(payload, tmp)
-    os.replace(tmp, state_dir / STATE_FILE)
+    os.replace(tmp, state_dir / name)
+
+
+def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> None:
+    """Backward, clip the gradient norm at 1, step the optimizer and the LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
 def _load_state(state_dir: Path) -> dict | None:
@@ -133,7 +143,7 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
         rec_losses = state.get("rec_losses", [])
 
     def checkpoint() -> None:
-        _save_state(state_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_state(state_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "numpy_rng": rng.bit_generator.state,
                                 "torch_rng": gen.get_state(), "step": step, "args": arg_dict,
                                 "rec_losses": rec_losses})
@@ -150,10 +160,8 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
         out = model(audio, generator=gen)
         rec = mrstft_loss(out.reconstruction, audio) + F.l1_loss(out.reconstruction, audio)
         loss = rec + args.kl_weight * out.kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); step += 1
+        optimizer_step(model, opt, sched, loss)
+        step += 1
         rec_losses.append(rec.item())
         bar.update(1); bar.set_postfix(rec=f"{np.mean(rec_losses[-50:]):.3f}", kl=f"{out.kl.item():.1f}")
         if step % save_every == 0 or step == args.steps or step == stop_at:
@@ -244,7 +252,7 @@ def train_denoiser(data_dir: Path, vae_dir: Path, out_dir: Path, args: DenoiserT
         step, losses = state["step"], state["losses"]
 
     def checkpoint() -> None:
-        _save_state(state_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_state(state_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "scheduler": sched.state_dict(), "torch_rng": gen.get_state(),
                                 "step": step, "losses": losses, "args": arg_dict})
 
@@ -255,10 +263,8 @@ def train_denoiser(data_dir: Path, vae_dir: Path, out_dir: Path, args: DenoiserT
         idx = torch.randint(0, n, (args.batch_size,), generator=gen)
         loss = v_loss(model, acc_lat[idx], vocal_lat[idx], schedule=model.schedule, generator=gen,
                       weighting=args.weighting, cond_dropout=args.cond_dropout)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); step += 1
+        optimizer_step(model, opt, sched, loss)
+        step += 1
         losses.append(loss.item())
         bar.update(1); bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % save_every == 0 or step == args.steps or step == stop_at:

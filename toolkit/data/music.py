@@ -55,12 +55,18 @@ def template_index(root_pc: int, quality: str) -> int:
     return root_pc % 12 + (12 if quality == "min" else 0)
 
 
-def _to_mono(audio: np.ndarray) -> np.ndarray:
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """(N,) or (channels, N) audio as a float64 (N,) channel mean."""
     audio = np.asarray(audio, dtype=np.float64)
     if audio.ndim == 2:
         audio = audio.mean(axis=0)
     if audio.ndim != 1:
         raise ValueError(f"audio must be (N,) or (channels, N), got shape {audio.shape}")
+    return audio
+
+
+def _to_mono(audio: np.ndarray) -> np.ndarray:
+    audio = to_mono(audio)
     if not np.all(np.isfinite(audio)):
         raise ValueError("audio contains NaN or Inf samples")
     return audio
