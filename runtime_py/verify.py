@@ -98,10 +98,6 @@ class Pipeline:
         return latent, self.decode(latent)
 
 
-def _distances(ref_audio, test_audio, sample_rate) -> dict:
-    return metrics.paired_audio_metrics(ref_audio, test_audio, sample_rate)
-
-
 def judge(aggregate: dict, budget: dict) -> list[dict]:
     """Budget lines: each with its value, limit and pass/fail."""
     lines = []
@@ -147,11 +143,11 @@ def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None 
     for i in range(inputs["vocals"].shape[0]):
         vocals = inputs["vocals"][i:i + 1]
         cond = pipe.encode(vocals)
-        spread = _distances(ref["audio"][i, 0], ref["audio"][i, 1], sr)
+        spread = metrics.paired_audio_metrics(ref["audio"][i, 0], ref["audio"][i, 1], sr)
         for j in range(inputs["noise"].shape[1]):
             latent = pipe.sample(cond, inputs["noise"][i, j:j + 1])
             audio = pipe.decode(latent)
-            dist = _distances(ref["audio"][i, j], audio[0], sr)
+            dist = metrics.paired_audio_metrics(ref["audio"][i, j], audio[0], sr)
             per_example.append({
                 "example": i, "seed_index": j,
                 "vocal_latent_snr_db": metrics.snr_db(ref["vocal_latent"][i], cond[0]),
