@@ -13,6 +13,17 @@ bytes remain, the step up with the most loss recovered per byte spent. The loss 
 layer at a precision is the latent-SNR drop it caused alone (the table's ``latent_snr_db``, as
 ``SNR_CAP_DB − snr``); fp16 and fp32 count as lossless. Every move is recorded in the plan.
 
+With a sensitivity table and a quality target (``--min-snr-db``, default
+``DEFAULT_MIN_SNR_DB``), :func:`refine_with_sensitivity` first decides which layers stay high from
+the measurement rather than the literature: every measured layer starts at the preset, the
+predicted end-to-end latent SNR is that of independent per-layer errors adding up
+(−10·log10 Σ 10^(−SNR_i/10)), and while it is below the target the layer with the largest error
+moves one rung up its precision ladder (e.g. W8A8 → W8A16 → fp16). Layers the literature names
+but the measurement finds harmless are quantized like the rest; the plan records every move.
+
+The VAE decoder gets its own section (``components.vae_decoder``): the preset's precision with
+the first and last convolutions kept high. The encoder runs once per clip and stays float.
+
 neural-compressor's accuracy-aware tuning is not used: it searches by re-running an evaluation
 function per trial over its own quantized models, which here would redo the sensitivity sweep
 with less control; the greedy search over measured one-layer losses is the work it would do.
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -44,6 +56,10 @@ KEEP_HIGH = (
 )
 
 PRESETS = {name: PRECISIONS[name] for name in ("w8a16", "w8a8", "w4a8")}
+DEFAULT_MIN_SNR_DB = 26.0  # predicted latent SNR a refined plan aims at: the 20 dB budget + 6 dB margin
+# Rungs a refinement moves a layer up, from its preset; fp16 (HIGH_PRECISION) is always last.
+PRECISION_LADDER = ("w4a8", "w4a16", "w8a8", "w8a16")
+COMPONENT_SECTIONS = ("vae_decoder",)  # components with their own plan section (denoiser: top level)
 
 
 def parse_budget(text: str | None) -> float | None:
@@ -163,16 +179,113 @@ def search_plan(assignment: dict[str, LayerPrecision], sizes: dict[str, dict[str
     return assign, moves
 
 
+def _key(prec: LayerPrecision) -> str | None:
+    for k, v in PRECISIONS.items():
+        if (v.weights, v.activations) == (prec.weights, prec.activations):
+            return k
+    return None
+
+
+def _noise(name: str, prec: LayerPrecision, sensitivity: dict) -> float | None:
+    """Relative error power of quantizing ``name`` alone at ``prec`` (10^(−SNR/10)); 0 for float."""
+    if prec.weights in ("fp16", "fp32"):
+        return 0.0
+    row = sensitivity.get("layers", {}).get(name, {})
+    key = _key(prec)
+    if key is None or key not in row:
+        return None
+    return 10.0 ** (-min(row[key]["latent_snr_db"], SNR_CAP_DB) / 10.0)
+
+
+def predicted_snr_db(assign: dict[str, LayerPrecision], sensitivity: dict) -> float:
+    """End-to-end latent SNR predicted from one-layer measurements, errors adding as independent."""
+    total = sum(_noise(n, p, sensitivity) or 0.0 for n, p in assign.items())
+    return SNR_CAP_DB if total <= 0 else min(SNR_CAP_DB, -10.0 * math.log10(total))
+
+
+def refine_with_sensitivity(assign: dict[str, LayerPrecision], preset: str, sensitivity: dict, *,
+                            min_snr_db: float) -> tuple[dict[str, LayerPrecision], list[dict]]:
+    """Measured, not assumed, high-precision layers (see the module doc). Returns (plan, moves)."""
+    base = PRESETS[preset]
+    start = PRECISION_LADDER.index(preset) if preset in PRECISION_LADDER else len(PRECISION_LADDER)
+    ladder = [PRECISIONS[k] for k in PRECISION_LADDER[start:]] + [HIGH_PRECISION]
+    out, moves = dict(assign), []
+    for n in out:  # measured layers start at the preset, whatever the literature says
+        if _noise(n, base, sensitivity) is not None and out[n] != base:
+            moves.append({"layer": n, "from": out[n].to_dict(), "to": base.to_dict(),
+                          "why": f"measured: alone at {preset} it keeps "
+                                 f"{sensitivity['layers'][n][preset]['latent_snr_db']:.1f} dB latent SNR"})
+            out[n] = base
+    while predicted_snr_db(out, sensitivity) < min_snr_db:
+        worst = max(out, key=lambda n: _noise(n, out[n], sensitivity) or 0.0)
+        current = _noise(worst, out[worst], sensitivity) or 0.0
+        if current <= 0:
+            break
+        rung = next((i for i, p in enumerate(ladder) if (p.weights, p.activations)
+                     == (out[worst].weights, out[worst].activations)), 0)
+        new = next((p for p in ladder[rung + 1:] if (_noise(worst, p, sensitivity) is not None
+                                                       and _noise(worst, p, sensitivity) < current)),
+                   HIGH_PRECISION)
+        moves.append({"layer": worst, "from": out[worst].to_dict(), "to": new.to_dict(),
+                      "why": f"largest error ({-10 * math.log10(current):.1f} dB alone); predicted "
+                             f"{predicted_snr_db(out, sensitivity):.1f} dB < {min_snr_db} dB target"})
+        out[worst] = new
+    return out, moves
+
+
+def component_assignment(plan: dict, component: str, module, *, source: str = "plan") -> dict | None:
+    """The plan's precision for every quantizable leaf of ``module`` (FQN → LayerPrecision).
+
+    The denoiser's entries are the plan's top level; other components read
+    ``components.<name>``. Overrides match by exact FQN or by a ``re:`` pattern (full match).
+    None when the plan has no section for ``component`` (it stays float).
+    """
+    from calibration.fakequant import quantizable_leaves
+
+    if component == "denoiser":
+        section = plan
+    else:
+        section = (plan.get("components") or {}).get(component)
+        if section is None:
+            return None
+    leaves = quantizable_leaves(module)
+    overrides = section.get("overrides", {})
+    exact = {k: v for k, v in overrides.items() if not k.startswith("re:")}
+    unknown = sorted(set(exact) - set(leaves))
+    if unknown:
+        raise KeyError(f"{source}: {component} overrides name layers the model does not have: "
+                       f"{unknown[:5]}; fix the plan's 'overrides' or make it for this checkpoint")
+    default = LayerPrecision.from_dict(section["default"])
+    out = {}
+    for name in leaves:
+        entry = exact.get(name)
+        if entry is None:
+            entry = next((v for k, v in overrides.items()
+                          if k.startswith("re:") and re.fullmatch(k[3:], name)), None)
+        out[name] = LayerPrecision.from_dict(entry) if entry is not None else default
+    return out
+
+
+def vae_decoder_section(preset: str, layers: list[str]) -> dict:
+    """The decoder's plan section: the preset, first and last convolution kept high."""
+    keep = [layers[0], layers[-1]] if layers else []
+    return {"default": PRESETS[preset].to_dict(), "overrides": {n: HIGH_PRECISION.to_dict() for n in keep},
+            "layers": layers}
+
+
 def make_plan(preset: str, sizes: dict[str, dict[str, int]], fp32_bytes: int, *, budget: float | None = None,
-              sensitivity: dict | None = None, sensitivity_source: str | None = None, model: str | None = None
-              ) -> dict:
+              sensitivity: dict | None = None, sensitivity_source: str | None = None, model: str | None = None,
+              min_snr_db: float = DEFAULT_MIN_SNR_DB, vae_decoder_layers: list[str] | None = None) -> dict:
     """The plan JSON (DESIGN.md): default, overrides by FQN, sensitivity figures and budget."""
     default = PRESETS[preset] if preset in PRESETS else None
     assign = preset_assignment(preset, list(sizes))
     moves: list[dict] = []
+    if sensitivity is not None:
+        assign, moves = refine_with_sensitivity(assign, preset, sensitivity, min_snr_db=min_snr_db)
     if budget is not None:
-        assign, moves = search_plan(assign, sizes, fp32_bytes, budget=budget, sensitivity=sensitivity,
-                                    default=default)
+        assign, budget_moves = search_plan(assign, sizes, fp32_bytes, budget=budget, sensitivity=sensitivity,
+                                           default=default)
+        moves += budget_moves
     total = planned_bytes(assign, sizes, fp32_bytes)
     overrides = {n: p.to_dict() for n, p in assign.items() if p != default}
     figures = None
@@ -192,38 +305,52 @@ def make_plan(preset: str, sizes: dict[str, dict[str, int]], fp32_bytes: int, *,
         "budget": {"size": budget, "fp32_bytes": int(fp32_bytes), "planned_bytes": int(round(total)),
                    "size_ratio": total / fp32_bytes,
                    "met": None if budget is None else bool(total <= budget * fp32_bytes + 1e-9)},
-        "search": {"method": "greedy over measured one-layer losses" if budget is not None else None,
+        "search": {"method": ("greedy over measured one-layer losses" if budget is not None or sensitivity
+                              else None),
+                   "min_snr_db": min_snr_db if sensitivity is not None else None,
+                   "predicted_latent_snr_db": predicted_snr_db(assign, sensitivity) if sensitivity else None,
                    "moves": moves},
         "sensitivity": figures,
         "layers": {n: {**assign[n].to_dict(), "weight_params": sizes[n]["weight_params"]} for n in sizes},
+        "components": ({"vae_decoder": vae_decoder_section(preset, vae_decoder_layers)}
+                       if vae_decoder_layers is not None else {}),
     }
 
 
 def _plan_command(args: argparse.Namespace) -> int:
+    from calibration.fakequant import quantizable_leaves
+    from calibration.sensitivity import layer_sizes
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.components import component_specs
+
     sensitivity = json.loads(Path(args.sensitivity).read_text()) if args.sensitivity else None
-    if sensitivity is not None and args.checkpoint is None:
-        sizes = {n: {"weight_params": r["weight_params"], "bias_params": r.get("bias_params", 0)}
-                 for n, r in sensitivity["layers"].items()}
-        fp32_bytes, model = int(sensitivity["fp32_bytes"]), sensitivity["settings"].get("model")
+    checkpoint = args.checkpoint
+    if sensitivity is not None:
         if not sensitivity.get("complete", True):
             raise ValueError(f"{args.sensitivity}: the sensitivity table is incomplete; resume it first "
-                             "(toolkit sensitivity ... --resume) or pass --checkpoint")
-    else:
-        from calibration.sensitivity import layer_sizes
-        from toolkit.checkpoint import load_checkpoint
-
-        pipe = load_checkpoint(args.checkpoint)
-        sizes, fp32_bytes = layer_sizes(pipe.denoiser)
-        model = pipe.config.name
+                             "(toolkit sensitivity ... --resume)")
+        if checkpoint is None:  # the checkpoint the table was measured on, through its calibration set
+            calib_manifest = Path(sensitivity["settings"]["calib"]) / "manifest.json"
+            if calib_manifest.is_file():
+                checkpoint = json.loads(calib_manifest.read_text()).get("checkpoint")
+    pipe = load_checkpoint(Path(checkpoint) if checkpoint else None)
+    sizes, fp32_bytes = layer_sizes(pipe.denoiser)
+    if sensitivity is not None and set(sensitivity["layers"]) - set(sizes):
+        raise ValueError(f"{args.sensitivity}: measured on another model (layers "
+                         f"{sorted(set(sensitivity['layers']) - set(sizes))[:3]} are not in "
+                         f"{pipe.path}); pass --checkpoint")
+    decoder_layers = list(quantizable_leaves(component_specs(pipe)["vae_decoder"].module))
     plan = make_plan(args.preset, sizes, fp32_bytes, budget=parse_budget(args.budget), sensitivity=sensitivity,
-                     sensitivity_source=args.sensitivity, model=model)
+                     sensitivity_source=args.sensitivity, model=pipe.config.name, min_snr_db=args.min_snr_db,
+                     vae_decoder_layers=decoder_layers)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(plan, indent=1) + "\n")
     os.replace(tmp, out)
     print(json.dumps({"out": str(out), "default": plan["default"], "overrides": len(plan["overrides"]),
-                      "budget": plan["budget"], "moves": len(plan["search"]["moves"])}, indent=2))
+                      "budget": plan["budget"], "moves": len(plan["search"]["moves"]),
+                      "predicted_latent_snr_db": plan["search"]["predicted_latent_snr_db"]}, indent=2))
     return 0
 
 
@@ -235,6 +362,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--sensitivity", default=None, help="sensitivity JSON (toolkit sensitivity) to search with")
     s.add_argument("--budget", default=None,
                    help="size=F: denoiser bytes at most F x fp32 (e.g. size=0.30; lower: smaller, lossier)")
+    s.add_argument("--min-snr-db", type=float, default=DEFAULT_MIN_SNR_DB,
+                   help="with --sensitivity: predicted latent SNR to reach by raising the worst layers "
+                        "(higher: closer to fp32, bigger and slower)")
     s.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint for the layer list (default: the sensitivity table's, else demo)")
     s.add_argument("--out", required=True, help="plan JSON to write")

@@ -8,6 +8,15 @@ Every target module has the same small surface (STYLE.md rule 4):
 * ``export(spec, *, precision, plan, calib, out_dir) -> ComponentArtifact``: writes
   ``out_dir/<spec.name><FILE_SUFFIX>`` and says what it did in the artifact's ``details``.
 
+Quantized export. ``plan`` is the component's resolved plan: a dict from the FQN of every
+quantizable leaf of ``spec.module`` (Conv1d, ConvTranspose1d, Linear; see
+``calibration.plan.component_assignment``) to a ``LayerPrecision``; ``None`` means float.
+``calib`` is a list of input tuples in ``spec.example_inputs``' order and shapes (the PTQ4ADM
+calibration intermediates prepared by ``toolkit.bundle.calibration_feeds``), required when any
+entry asks for integer activations. A quantized artifact's ``details["lowering"]`` is the lowering
+report of :func:`lowering_report`: for every layer of the plan, what was requested, what the
+target actually applied, and why they differ. A target never drops an entry silently.
+
 The SDKs are imported inside the functions, so importing this package (or a target module) costs
 nothing. What *runs* an exported file lives in ``runtime_py.runners``, keyed by the same names.
 """
@@ -31,7 +40,6 @@ TARGETS: dict[str, str] = {
 
 PRECISIONS = ("fp32", "fp16")
 
-PLAN_NOT_IMPLEMENTED = "quantization plans land with the quantization issue"
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,62 @@ def get_target(name: str) -> ModuleType:
 
 
 def check_export_args(target: str, *, precision: str, plan: dict | None,
-                      calib: Path | None) -> None:
-    """The checks every ``export`` starts with: strict about what it cannot honour yet."""
-    if plan is not None or calib is not None:
-        raise NotImplementedError(PLAN_NOT_IMPLEMENTED)
+                      calib: list | None, spec=None) -> None:
+    """The checks every ``export`` starts with (see the module doc for ``plan`` and ``calib``)."""
+    from calibration.precision import LayerPrecision
+
     if precision not in PRECISIONS:
         raise ValueError(f"{target}: precision must be one of {PRECISIONS}, got {precision!r}")
+    if plan is None:
+        if calib is not None:
+            raise ValueError(f"{target}: calibration data without a plan would be ignored; pass a plan too")
+        return
+    if not isinstance(plan, dict) or not all(isinstance(v, LayerPrecision) for v in plan.values()):
+        raise TypeError(f"{target}: plan must map layer FQNs to LayerPrecision "
+                        "(calibration.plan.component_assignment resolves a plan JSON)")
+    if spec is not None:
+        from calibration.fakequant import quantizable_leaves
+
+        leaves = quantizable_leaves(spec.module)
+        unknown = sorted(set(plan) - set(leaves))
+        if unknown:
+            raise KeyError(f"{target} {spec.name}: the plan names layers the component does not have: "
+                           f"{unknown[:5]}")
+    needs_calib = [n for n, p in plan.items() if p.activations in ("int8", "int16")]
+    if needs_calib and not calib:
+        raise ValueError(f"{target}: {len(needs_calib)} layers (e.g. {needs_calib[0]}) ask for integer "
+                         "activations, which need calibration data: pass --calib DIR (toolkit calibrate)")
+
+
+def lowering_report(requested: dict, applied: dict) -> dict:
+    """The lowering report of one component (DESIGN.md): per planned layer, requested vs applied.
+
+    ``requested``: FQN → LayerPrecision (the resolved plan); ``applied``: FQN → (LayerPrecision
+    actually applied, reason or None). Every requested layer must be accounted for.
+    """
+    missing = sorted(set(requested) - set(applied))
+    if missing:
+        raise RuntimeError(f"lowering report: no record of what was applied to {missing[:5]}; "
+                           "a target must report every planned layer")
+    layers, differs = {}, []
+    for name, want in requested.items():
+        got, why = applied[name]
+        same = (got.weights, got.activations) == (want.weights, want.activations)
+        if not same:
+            differs.append(name)
+        layers[name] = {"requested": want.to_dict(), "applied": got.to_dict(),
+                        "honoured": same, "why": None if same else (why or "not given")}
+    return {"layers": layers, "honoured": len(requested) - len(differs), "differs": differs}
+
+
+def plan_label(plan: dict | None) -> str:
+    """A short precision label for an artifact: 'fp32' or e.g. 'int8w/int8a x40 + fp16w/fp16a x11'."""
+    if not plan:
+        return "fp32"
+    from collections import Counter
+
+    counts = Counter(f"{p.weights}w/{p.activations}a" for p in plan.values())
+    return " + ".join(f"{k} x{v}" for k, v in counts.most_common())
 
 
 def replace_into(out_dir: Path, write, name: str) -> Path:

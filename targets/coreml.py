@@ -96,7 +96,7 @@ def mil_op_histogram(mlmodel) -> dict[str, int]:
 
 def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
            out_dir: Path) -> ComponentArtifact:
-    check_export_args(NAME, precision=precision, plan=plan, calib=calib)
+    check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import coremltools as ct
     import numpy as np
     import torch

@@ -122,7 +122,7 @@ def half_with_float_io(module):
 
 def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
            out_dir: Path) -> ComponentArtifact:
-    check_export_args(NAME, precision=precision, plan=plan, calib=calib)
+    check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower

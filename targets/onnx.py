@@ -161,7 +161,7 @@ def save_model(model, path: Path) -> bool:
 
 def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
            out_dir: Path) -> ComponentArtifact:
-    check_export_args(NAME, precision=precision, plan=plan, calib=calib)
+    check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import onnx
 
     model, opset, fallback = export_model_with_fallback(spec)

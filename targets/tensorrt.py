@@ -307,7 +307,7 @@ def write_extras(out_dir: Path, components: dict[str, dict]) -> Path:
 
 def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
            out_dir: Path) -> ComponentArtifact:
-    check_export_args(NAME, precision=precision, plan=plan, calib=calib)
+    check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import onnx
 
     from targets import onnx as onnx_target

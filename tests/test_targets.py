@@ -25,7 +25,8 @@ from runtime_py.runners import (
     runtime_unavailable,
     runtime_version,
 )
-from targets import PLAN_NOT_IMPLEMENTED, TARGETS, ComponentArtifact, get_target
+from calibration.precision import LayerPrecision
+from targets import TARGETS, ComponentArtifact, get_target
 from targets.tensorrt import BUILD_SCRIPT, write_build_script
 from toolkit.checkpoint import Pipeline, PipelineConfig
 from toolkit.components import COMPONENTS, component_specs
@@ -137,14 +138,20 @@ def test_unknown_target_names_the_choices():
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_plans_and_calibration_are_not_dropped(target, specs, tmp_path):
+def test_bad_plans_and_calibration_are_refused(target, specs, tmp_path):
     module = get_target(target)
     spec = specs["vae_decoder"]
-    with pytest.raises(NotImplementedError, match=PLAN_NOT_IMPLEMENTED):
+    with pytest.raises(TypeError, match="LayerPrecision"):
         module.export(spec, precision="fp32", plan={"default": "int8"}, calib=None,
                       out_dir=tmp_path)
-    with pytest.raises(NotImplementedError, match=PLAN_NOT_IMPLEMENTED):
-        module.export(spec, precision="fp32", plan=None, calib=tmp_path, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="without a plan"):
+        module.export(spec, precision="fp32", plan=None, calib=[spec.example_inputs], out_dir=tmp_path)
+    with pytest.raises(KeyError, match="does not have"):
+        module.export(spec, precision="fp32", plan={"no.such.layer": LayerPrecision("int8", "int8")},
+                      calib=[spec.example_inputs], out_dir=tmp_path)
+    w8a8 = {"decoder.layers.0": LayerPrecision("int8", "int8")}
+    with pytest.raises(ValueError, match="calibration data"):
+        module.export(spec, precision="fp32", plan=w8a8, calib=None, out_dir=tmp_path)
     with pytest.raises(ValueError, match="precision"):
         module.export(spec, precision="int8", plan=None, calib=None, out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
