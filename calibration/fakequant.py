@@ -84,12 +84,34 @@ def _calibration_batches(calib, *, guidance: float, folded: bool, batch: int):
             yield x, t, c
 
 
+def denoiser_feeds(calib, *, batch: int, guidance: float | None = None, folded: bool | None = None,
+                   limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration intermediates as denoiser inputs (x, t, cond) of the deployed batch.
+
+    ``batch`` 2: each intermediate with both CFG branches in one call ([x, x], [t, t], [c, 0]), as
+    the device runs an unfolded model; ``batch`` 1: the conditional input alone (folded guidance).
+    """
+    guidance = calib.manifest["guidance"] if guidance is None else guidance
+    folded = calib.manifest.get("guidance_folded", False) if folded is None else folded
+    n = calib.x_t.shape[0] if limit is None else min(limit, calib.x_t.shape[0])
+    feeds = []
+    for i in range(n):
+        x, t, c = calib.x_t[i:i + 1], calib.t[i:i + 1], calib.cond[i:i + 1]
+        if batch == 2:
+            uncond = c if folded or guidance == 1.0 else torch.zeros_like(c)
+            feeds.append((torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, uncond])))
+        elif batch == 1:
+            feeds.append((x, t, c))
+        else:
+            raise ValueError(f"denoiser batch must be 1 or 2, got {batch}")
+    return feeds
+
+
 @torch.no_grad()
-def activation_ranges(model: nn.Module, calib, *, layers: Iterable[str] | None = None,
-                      observer: str = "minmax", percentile: float = DEFAULT_PERCENTILE,
-                      guidance: float | None = None, folded: bool | None = None, batch: int = 16,
-                      seed: int = 0) -> dict[str, tuple[float, float]]:
-    """The input range of every quantizable leaf over the calibration intermediates.
+def observe_ranges(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], *,
+                   layers: Iterable[str] | None = None, observer: str = "minmax",
+                   percentile: float = DEFAULT_PERCENTILE, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """The input range of every quantizable leaf of ``model`` over ``model(*feed)`` for the feeds.
 
     ``minmax``: the extremes; ``percentile``: the (100 − p, p) percentiles of a seeded subsample
     of at most ``MAX_OBSERVED_VALUES`` values per layer (clips rare outliers).
@@ -97,8 +119,6 @@ def activation_ranges(model: nn.Module, calib, *, layers: Iterable[str] | None =
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {OBSERVERS}, got {observer!r}")
     leaves = resolve_layers(model, layers) if layers is not None else quantizable_leaves(model)
-    guidance = calib.manifest["guidance"] if guidance is None else guidance
-    folded = calib.manifest.get("guidance_folded", False) if folded is None else folded
     lo = {n: np.inf for n in leaves}
     hi = {n: -np.inf for n in leaves}
     samples: dict[str, list[np.ndarray]] = {n: [] for n in leaves}
@@ -118,8 +138,8 @@ def activation_ranges(model: nn.Module, calib, *, layers: Iterable[str] | None =
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in leaves.items()]
     try:
-        for x, t, c in _calibration_batches(calib, guidance=guidance, folded=folded, batch=batch):
-            model(x, t, c)
+        for feed in feeds:
+            model(*feed)
     finally:
         for h in handles:
             h.remove()
@@ -132,6 +152,17 @@ def activation_ranges(model: nn.Module, calib, *, layers: Iterable[str] | None =
             values = np.random.default_rng(seed).choice(values, MAX_OBSERVED_VALUES, replace=False)
         out[n] = (float(np.percentile(values, 100 - percentile)), float(np.percentile(values, percentile)))
     return out
+
+
+def activation_ranges(model: nn.Module, calib, *, layers: Iterable[str] | None = None,
+                      observer: str = "minmax", percentile: float = DEFAULT_PERCENTILE,
+                      guidance: float | None = None, folded: bool | None = None, batch: int = 16,
+                      seed: int = 0) -> dict[str, tuple[float, float]]:
+    """The input range of every quantizable denoiser leaf over the calibration intermediates."""
+    guidance = calib.manifest["guidance"] if guidance is None else guidance
+    folded = calib.manifest.get("guidance_folded", False) if folded is None else folded
+    return observe_ranges(model, _calibration_batches(calib, guidance=guidance, folded=folded, batch=batch),
+                          layers=layers, observer=observer, percentile=percentile, seed=seed)
 
 
 def quantized_copy(model: nn.Module, assignment: dict[str, LayerPrecision],

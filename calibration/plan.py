@@ -136,7 +136,9 @@ def search_plan(assignment: dict[str, LayerPrecision], sizes: dict[str, dict[str
         d_loss = layer_loss(name, new, sensitivity) - layer_loss(name, assign[name], sensitivity)
         return d_bytes, d_loss
 
-    protected = {n for n in sizes if is_kept_high(n)}
+    # Layers above the preset (kept high by the literature, or raised by measurement) go down last.
+    protected = {n for n in sizes if (assign[n].weights, assign[n].activations)
+                 != (default.weights, default.activations)}
     while planned_bytes(assign, sizes, fp32_bytes) > limit:
         best = None
         lowerable = [n for n in sizes if n not in protected and step(n, -1) is not None]
@@ -155,7 +157,7 @@ def search_plan(assignment: dict[str, LayerPrecision], sizes: dict[str, dict[str
         _, n, new, d_bytes, d_loss = best
         moves.append({"layer": n, "from": assign[n].to_dict(), "to": new.to_dict(), "bytes": d_bytes,
                       "loss": d_loss, "why": "over budget" + (
-                          " (a kept-high layer: everything else is already at int4)" if n in protected else "")})
+                          " (a layer kept high: everything else is already at int4)" if n in protected else "")})
         assign[n] = new
     while True:
         spare = limit - planned_bytes(assign, sizes, fp32_bytes)
@@ -329,8 +331,9 @@ def _plan_command(args: argparse.Namespace) -> int:
         if not sensitivity.get("complete", True):
             raise ValueError(f"{args.sensitivity}: the sensitivity table is incomplete; resume it first "
                              "(toolkit sensitivity ... --resume)")
-        if checkpoint is None:  # the checkpoint the table was measured on, through its calibration set
-            calib_manifest = Path(sensitivity["settings"]["calib"]) / "manifest.json"
+        calib_dir = sensitivity.get("settings", {}).get("calib")
+        if checkpoint is None and calib_dir:  # the checkpoint the table was measured on
+            calib_manifest = Path(calib_dir) / "manifest.json"
             if calib_manifest.is_file():
                 checkpoint = json.loads(calib_manifest.read_text()).get("checkpoint")
     pipe = load_checkpoint(Path(checkpoint) if checkpoint else None)

@@ -115,30 +115,11 @@ def judge(aggregate: dict, budget: dict) -> list[dict]:
     return lines
 
 
-def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
-    """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract)."""
-    from runtime_py.runners import runtime_unavailable
-
-    bundle = Path(bundle)
-    report = {"format_version": REPORT_FORMAT_VERSION, "bundle": str(bundle), "target": None,
-              "device": None, "latency": {}, "end_to_end": {}, "memory": {}, "quality": {},
-              "budget": {}, "status": "fail", "reason": None}
-    try:
-        manifest = load_manifest(bundle)
-    except BundleError as exc:
-        report["reason"] = str(exc)
-        return report
-    target = manifest["target"]
-    report.update(target=target, model=manifest["model"], precision=manifest["precision"],
-                  device=device_info(target, threads), budget={"limits": manifest["quality_budget"]})
-    why = runtime_unavailable(target)
-    if why is not None:
-        report.update(status="unavailable", reason=why)
-        return report
-
-    pipe = Pipeline(bundle, manifest, threads=threads)
-    inputs, ref = load_reference(bundle, manifest)
-    sr = manifest["audio"]["sample_rate"]
+def quality_against_reference(pipe, inputs: dict, ref: dict, sample_rate: int) -> tuple[list[dict], dict]:
+    """Paired metrics of ``pipe`` (anything with numpy ``encode``/``sample``/``decode``) against the
+    bundle's full-precision reference, each also relative to the reference's seed-to-seed spread.
+    Returns (per example, aggregate: worst latent SNR and worst relative distances)."""
+    sr = sample_rate
     per_example = []
     for i in range(inputs["vocals"].shape[0]):
         vocals = inputs["vocals"][i:i + 1]
@@ -163,6 +144,34 @@ def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None 
         **{k: float(np.mean([e[k] for e in per_example])) for k in metrics.DISTANCES},
         "si_snr_db": float(np.mean([min(e["si_snr_db"], 200.0) for e in per_example])),
     }
+    return per_example, aggregate
+
+
+def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
+    """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract)."""
+    from runtime_py.runners import runtime_unavailable
+
+    bundle = Path(bundle)
+    report = {"format_version": REPORT_FORMAT_VERSION, "bundle": str(bundle), "target": None,
+              "device": None, "latency": {}, "end_to_end": {}, "memory": {}, "quality": {},
+              "budget": {}, "status": "fail", "reason": None}
+    try:
+        manifest = load_manifest(bundle)
+    except BundleError as exc:
+        report["reason"] = str(exc)
+        return report
+    target = manifest["target"]
+    report.update(target=target, model=manifest["model"], precision=manifest["precision"],
+                  device=device_info(target, threads), budget={"limits": manifest["quality_budget"]})
+    why = runtime_unavailable(target)
+    if why is not None:
+        report.update(status="unavailable", reason=why)
+        return report
+
+    pipe = Pipeline(bundle, manifest, threads=threads)
+    inputs, ref = load_reference(bundle, manifest)
+    sr = manifest["audio"]["sample_rate"]
+    per_example, aggregate = quality_against_reference(pipe, inputs, ref, sr)
     report["quality"] = {"per_example": per_example, "aggregate": aggregate}
 
     # Latency: each component on its deployed shapes, then whole generations.

@@ -9,6 +9,28 @@ The program also carries a constant method ``io_names`` (a uint8 tensor holding 
 ``{"inputs": [...], "outputs": [...]}``), so that a runner can map tensors to names without the
 bundle manifest.
 
+Quantized (a plan): PT2E with the XNNPACK quantizer, one config per layer from the plan
+(``XNNPACKQuantizer.set_module_name``), calibrated by running the PTQ4ADM calibration inputs
+through the prepared graph, converted and lowered with the XNNPACK partitioner. What each plan
+entry becomes on XNNPACK:
+
+| plan entry            | applied                                                                  |
+| --------------------- | ------------------------------------------------------------------------ |
+| int8 w / int8 a       | static int8: per-channel symmetric weights, per-tensor activations        |
+| int8 w / fp16-32 a    | int8 per-channel weights, *dynamic* int8 activations (ranges per call):   |
+|                       | XNNPACK has no int8-weight kernel with float activations. Dynamic         |
+|                       | quantization skips Conv1d, so those layers run as Conv2d (1×k) around     |
+|                       | unsqueeze/squeeze (NOTES.md), which quantizes and delegates               |
+| int4 w (Linear)       | 4-bit per-channel weights (qmin −8, qmax 7), dynamic int8 activations     |
+| int4 w (Conv)         | int8 weights: XNNPACK's 4-bit kernels cover linear only                   |
+| fp16 / fp32 w         | fp32: one XNNPACK program here is float32 or integer, not half per layer  |
+
+Positive selection by module name needs ``nn_module_stack`` on the weight ``get_attr`` nodes,
+which ``torch.export`` leaves empty (NOTES.md); it is filled from the attribute path before
+``prepare_pt2e``. The lowering report is read back from the converted graph (which weights are
+dequantized from int8 / int4, which inputs are quantized statically or dynamically), never from
+the configuration.
+
 fp16: a ``.half()`` copy of the module behind casts, so the program's inputs and outputs stay
 float32. Rank-1 inputs (the per-example timestep ``t``) are not cast: the sinusoidal timestep
 embedding multiplies t by 1000 before ``sin``/``cos``, where fp16 rounding alone costs ~25 dB.
@@ -120,15 +142,184 @@ def half_with_float_io(module):
     return HalfWithFloatIO(module).eval()
 
 
-def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
+def conv1d_as_conv2d(module, names):
+    """A copy of ``module`` whose Conv1d leaves in ``names`` run as Conv2d with a (1, k) kernel.
+
+    The same arithmetic, in the form XNNPACK's dynamic quantizer annotates (it wants 4-D weights).
+    The layer keeps its FQN; the Conv2d is its child ``conv``.
+    """
+    import torch
+    from torch import nn
+
+    class _Conv1dAs2d(nn.Module):
+        def __init__(self, conv: nn.Conv1d):
+            super().__init__()
+            self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]),
+                                  stride=(1, conv.stride[0]), padding=(0, conv.padding[0]),
+                                  dilation=(1, conv.dilation[0]), groups=conv.groups,
+                                  bias=conv.bias is not None)
+            with torch.no_grad():
+                self.conv.weight.copy_(conv.weight.unsqueeze(2))
+                if conv.bias is not None:
+                    self.conv.bias.copy_(conv.bias)
+
+        def forward(self, x):
+            return self.conv(x.unsqueeze(2)).squeeze(2)
+
+    out = copy.deepcopy(module)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        conv = getattr(parent, child)
+        if not isinstance(conv, nn.Conv1d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise TypeError(f"{name}: only zero-padded Conv1d layers with numeric padding can be rewritten")
+        setattr(parent, child, _Conv1dAs2d(conv))
+    return out
+
+
+def _fill_get_attr_module_stack(graph_module) -> None:
+    """Give weight/bias ``get_attr`` nodes the ``nn_module_stack`` of their owner (NOTES.md)."""
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and "." in str(node.target) and not node.meta.get("nn_module_stack"):
+            parts = str(node.target).split(".")[:-1]
+            node.meta["nn_module_stack"] = {
+                f"fill_{i}": (".".join(parts[:i + 1]), object) for i in range(len(parts))}
+
+
+def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
+    """Per plan layer: the XNNPACK scheme applied (see the module doc) and why it differs."""
+    from torch import nn
+
+    kinds = {}
+    for name, want in plan.items():
+        leaf = module.get_submodule(name)
+        linear = isinstance(leaf, nn.Linear)
+        if want.weights in ("fp16", "fp32"):
+            kinds[name] = ("float", None if want.weights == "fp32" else
+                           "fp32: one XNNPACK program is float32 or integer, not half per layer")
+        elif want.weights == "int4" and linear:
+            kinds[name] = ("int4_dynamic", None if want.activations == "int8" else
+                           "int8 dynamic activations: XNNPACK's 4-bit kernels take int8 activations")
+        elif want.weights == "int4":
+            kinds[name] = ("int8_static" if want.activations == "int8" else "int8_dynamic",
+                           f"int8 weights: XNNPACK has no 4-bit {type(leaf).__name__} kernel (linear only)")
+        elif want.activations == "int8":
+            kinds[name] = ("int8_static", None)
+        else:
+            kinds[name] = ("int8_dynamic", "dynamic int8 activations: XNNPACK has no int8-weight kernel "
+                                           f"with {want.activations} activations")
+    return kinds
+
+
+def quantize_pt2e(spec, plan: dict, calib: list):
+    """The plan applied with PT2E + XNNPACKQuantizer, calibrated; returns (exported program, kinds)."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torch import nn
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    module = spec.module.eval()
+    kinds = _layer_kinds(module, plan)
+    dynamic_convs = [n for n, (k, _) in kinds.items() if k == "int8_dynamic"
+                     and isinstance(module.get_submodule(n), nn.Conv1d)]
+    module = conv1d_as_conv2d(module, dynamic_convs).eval()
+    configs = {
+        "int8_static": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False),
+        "int8_dynamic": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True),
+        "int4_dynamic": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True,
+                                                          weight_qmin=-8, weight_qmax=7),
+    }
+    quantizer = XNNPACKQuantizer()
+    for name, (kind, _) in kinds.items():
+        if kind in configs:
+            quantizer.set_module_name(name, configs[kind])
+    graph = torch.export.export(module, tuple(spec.example_inputs)).module()
+    _fill_get_attr_module_stack(graph)
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for inputs in calib or [tuple(spec.example_inputs)]:
+            prepared(*inputs)
+    converted = convert_pt2e(prepared)
+    _float_layers_read_float(converted, {n for n, (k, _) in kinds.items() if k == "float"})
+    return torch.export.export(converted, tuple(spec.example_inputs)), kinds
+
+
+def _float_layers_read_float(graph_module, float_layers: set[str]) -> None:
+    """Feed float layers the float tensor, not a quantize → dequantize copy of it.
+
+    The quantizer shares quantization parameters across ``cat`` with its quantized neighbours, so
+    a layer the plan keeps float can find its input already rounded to int8; XNNPACK then refuses
+    a float-weight convolution behind a dequantize. The plan says float: read the float value.
+    """
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or not any(k in str(node.target) for k in ("conv", "linear")):
+            continue
+        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if not stack or stack[-1] not in float_layers:
+            continue
+        dq = node.args[0]
+        if (getattr(dq, "op", None) == "call_function" and "dequantize_per_tensor" in str(dq.target)
+                and getattr(dq.args[0], "op", None) == "call_function"
+                and "quantize_per_tensor" in str(dq.args[0].target)):
+            node.replace_input_with(dq, dq.args[0].args[0])
+            changed = True
+    if changed:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+
+
+def _applied_from_graph(exported, plan: dict) -> dict:
+    """Per plan layer, what the converted graph really does (read from its q/dq nodes)."""
+    from calibration.precision import LayerPrecision
+
+    weight_bits: dict[str, str] = {}
+    act: dict[str, str] = {}
+    for node in exported.graph_module.graph.nodes:
+        if node.op != "call_function" or not any(k in str(node.target) for k in ("conv", "linear")):
+            continue
+        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        owner = next((p for p in reversed(stack) if p in plan), None)
+        if owner is None:
+            continue
+        x, w = node.args[0], node.args[1]
+        if getattr(w, "op", None) == "call_function" and "dequantize" in str(w.target):
+            qmin = w.args[-3] if len(w.args) >= 3 else None
+            weight_bits[owner] = "int4" if qmin == -8 else "int8"
+        if getattr(x, "op", None) == "call_function" and "dequantize" in str(x.target):
+            act[owner] = "int8"
+    out = {}
+    for name in plan:
+        got = LayerPrecision(weight_bits.get(name, "fp32"), act.get(name, "fp32"),
+                             "per_channel" if name in weight_bits else "per_tensor")
+        out[name] = got
+    return out
+
+
+def export(spec, *, precision: str, plan: dict | None, calib: list | None,
            out_dir: Path) -> ComponentArtifact:
     check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    module = spec.module.eval() if precision == "fp32" else half_with_float_io(spec.module)
-    exported = torch.export.export(module, tuple(spec.example_inputs))
+    from targets import lowering_report, plan_label
+
+    lowering = None
+    if plan is not None and any(p.weights in ("int8", "int4") for p in plan.values()):
+        if precision != "fp32":
+            raise ValueError(f"{NAME}: a quantization plan is applied to the fp32 model; drop --precision fp16")
+        exported, kinds = quantize_pt2e(spec, plan, calib)
+        got = _applied_from_graph(exported, plan)
+        reasons = {n: why for n, (_, why) in kinds.items()}
+        lowering = lowering_report(plan, {n: (got[n], reasons[n]) for n in plan})
+        lowering["schemes"] = {n: k for n, (k, _) in kinds.items()}
+    else:
+        module = spec.module.eval() if precision == "fp32" else half_with_float_io(spec.module)
+        exported = torch.export.export(module, tuple(spec.example_inputs))
     names = json.dumps({"inputs": list(spec.input_names), "outputs": list(spec.output_names)})
     edge = to_edge_transform_and_lower(
         exported,
@@ -143,9 +334,13 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
     return ComponentArtifact(
         component=spec.name,
         path=name,
-        precision=precision,
+        precision=precision if lowering is None else plan_label(
+            {n: _precision_of(e["applied"]) for n, e in lowering["layers"].items()}),
         details={
             "executorch_version": _version("executorch"),
+            "quantizer": None if lowering is None else "torchao PT2E + XNNPACKQuantizer (per module name)",
+            "calibration_inputs": None if lowering is None else len(calib or []),
+            "lowering": lowering,
             "partitioner": "XnnpackPartitioner",
             "io_dtype": "float32",
             "io_names_method": IO_NAMES_METHOD,
@@ -154,6 +349,12 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
             "delegation": coverage,
         },
     )
+
+
+def _precision_of(d: dict):
+    from calibration.precision import LayerPrecision
+
+    return LayerPrecision.from_dict(d)
 
 
 def _version(dist: str) -> str:

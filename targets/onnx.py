@@ -12,6 +12,13 @@ two blocked nodes through fp16, which measured worse (43 dB vs 60 dB output SQNR
 than converting everything. ONNX Runtime's CPU provider runs several fp16 ops through float32
 casts, so CPU parity figures overstate what an fp16 GPU provider will see.
 
+Quantized export (a ``plan``): the fp32 graph is quantized in QDQ form by ONNX Runtime's tools
+(``targets.qdq``: int8 weights and activations via ``quantize_static``, int4 Linear weights via
+``MatMulNBitsQuantizer``); its float layers stay float32, so a plan needs ``precision="fp32"``.
+``details["lowering"]`` is read back from the quantized graph. ``runtime_py``'s runner uses
+ORT_ENABLE_BASIC (NOTES.md records an opset-21 QDQ graph failing under EXTENDED); these graphs,
+Q/DQ on the planned layers' inputs only, also ran under EXTENDED and ALL here, with the same output.
+
 ``export_model`` is shared with the TensorRT target, which prepares the same graph differently.
 """
 
@@ -20,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from targets import ComponentArtifact, check_export_args, replace_into
+from targets import ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
 
 NAME = "onnx"
 FILE_SUFFIX = ".onnx"
@@ -162,12 +169,23 @@ def save_model(model, path: Path) -> bool:
 def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
            out_dir: Path) -> ComponentArtifact:
     check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
+    if plan is not None and precision != "fp32":
+        raise ValueError(f"{NAME} {spec.name}: the float layers of a quantized ONNX graph stay "
+                         f"float32; export a plan with precision fp32 (got {precision})")
     import onnx
 
     model, opset, fallback = export_model_with_fallback(spec)
-    converter = None
+    converter = quantized = None
     if precision == "fp16":
         model, converter = to_fp16(model)
+    if plan is not None:
+        from targets import qdq
+
+        planned = qdq.planned_nodes(model, plan)  # before anything drops the name scopes
+        quantized = qdq.quantize_plan(model, spec, plan=plan, calib=calib, planned=planned,
+                                        weight_only_int8=True)
+        model = quantized.model
+        opset = qdq.opset_of(model)
 
     name = f"{spec.name}{FILE_SUFFIX}"
     external: list[bool] = []
@@ -177,10 +195,11 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
         onnx.checker.check_model(str(tmp))  # by path: works past the 2 GB limit too
 
     replace_into(Path(out_dir), write, name)
+    applied = None if quantized is None else {n: p for n, (p, _) in quantized.applied.items()}
     return ComponentArtifact(
         component=spec.name,
         path=name,
-        precision=precision,
+        precision=precision if quantized is None else plan_label(applied),
         details={
             "opset": opset,
             "opset_fallback": fallback,
@@ -192,5 +211,7 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
             "node_count": len(model.graph.node),
             "op_types": op_histogram(model),
             "fp16_converter": converter,
+            "quantization": None if quantized is None else quantized.details,
+            "lowering": None if quantized is None else lowering_report(plan, quantized.applied),
         },
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from calibration import coverage as cv
@@ -361,13 +362,66 @@ def test_plan_respects_its_budget(preset):
     assert small["budget"]["met"] and small["budget"]["size_ratio"] <= 0.20
     lowered = [m["layer"] for m in small["search"]["moves"] if m["why"] == "over budget"]
     if preset != "w4a8":
-        assert lowered[:2] == ["mid.0.conv1", "down.0.res.0.conv2"]
+        assert lowered[0] == "mid.0.conv1"
     assert not any(m["layer"] in ("conv_in", "conv_out", "attn.qkv") for m in small["search"]["moves"]
-                   if m["why"] == "over budget")  # kept-high layers are lowered last
+                   if m["why"] == "over budget")  # the layers that hurt most are lowered last
     tight = make_plan(preset, sizes, table["fp32_bytes"], budget=0.05, sensitivity=table)
     assert tight["budget"]["met"] is False  # int4 everywhere is 1/8 of fp32: it says so, no pretending
     with pytest.raises(ValueError):
         parse_budget("bytes=3")
+
+
+def test_sensitivity_decides_which_layers_stay_high():
+    from calibration.plan import make_plan, predicted_snr_db
+    from calibration.precision import LayerPrecision
+
+    sizes, table = _sizes_and_table()
+    # Errors add as independent noise: two layers at 30 dB alone predict 27 dB together.
+    two = {"conv_in": LayerPrecision("int8", "int8"), "conv_out": LayerPrecision("int8", "int8")}
+    table2 = {"layers": {n: {"w8a8": {"latent_snr_db": 30.0}} for n in two}}
+    assert predicted_snr_db(two, table2) == pytest.approx(30 - 10 * np.log10(2))
+    # Loose target: the literature's kept-high layers are measured harmless enough and quantized.
+    loose = make_plan("w8a8", sizes, table["fp32_bytes"], sensitivity=table, min_snr_db=20.0)
+    assert loose["overrides"] == {} and loose["search"]["predicted_latent_snr_db"] >= 20.0
+    # Strict target: the worst layers move up, worst first (conv_out 30 dB, then conv_in 35 dB).
+    strict = make_plan("w8a8", sizes, table["fp32_bytes"], sensitivity=table, min_snr_db=38.0)
+    raised = [m["layer"] for m in strict["search"]["moves"] if m["why"].startswith("largest error")]
+    assert raised[:2] == ["conv_out", "conv_in"]
+    assert strict["search"]["predicted_latent_snr_db"] >= 38.0
+    assert set(strict["overrides"]) >= {"conv_out", "conv_in"}
+
+
+def test_component_assignment_resolves_sections_and_patterns():
+    from calibration.plan import component_assignment, make_plan
+    from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE, fold_for_export
+    from toolkit.models.softalign import SOFTALIGN_PRESETS, SoftAlignUNet
+
+    torch.manual_seed(0)
+    den = SoftAlignUNet(SOFTALIGN_PRESETS["tiny"])
+    vae = fold_for_export(OobleckVAE(OOBLECK_PRESETS["tiny"]))  # weight norm folded: plain convs
+    from calibration.fakequant import quantizable_leaves
+    from calibration.sensitivity import layer_sizes
+
+    sizes, fp32 = layer_sizes(den)
+    dec_layers = [f"decoder.{n}" for n in quantizable_leaves(vae.decoder)]
+    plan = make_plan("w8a8", sizes, fp32, vae_decoder_layers=dec_layers)
+    a = component_assignment(plan, "denoiser", den)
+    assert set(a) == set(sizes) and a["conv_in"].weights == "fp16" and a["mid.0.conv1"].weights == "int8"
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = vae.decoder
+    d = component_assignment(plan, "vae_decoder", Wrap())
+    assert len(dec_layers) > 2
+    assert d[dec_layers[0]].weights == "fp16" and d[dec_layers[-1]].weights == "fp16"
+    assert all(d[n].weights == "int8" for n in dec_layers[1:-1])
+    assert component_assignment(plan, "vae_encoder", Wrap()) is None
+    plan["overrides"] = {"re:down\\..*": {"weights": "fp32", "activations": "fp32"}}
+    a = component_assignment(plan, "denoiser", den)
+    assert all(p.weights == "fp32" for n, p in a.items() if n.startswith("down."))
+    plan["overrides"] = {"no.such.layer": {"weights": "fp32", "activations": "fp32"}}
+    with pytest.raises(KeyError, match="no.such.layer"):
+        component_assignment(plan, "denoiser", den, source="plan.json")
 
 
 def test_cli_parsers_register(tmp_path):

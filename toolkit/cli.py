@@ -115,6 +115,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     from toolkit.models.softalign import SoftAlignUNet
 
     pipe = load_checkpoint(args.checkpoint)
+    if args.plan:
+        if args.random_denoiser:
+            raise ValueError("--plan and --random-denoiser measure different things; pass one")
+        from calibration.evaluate_plan import _evaluate_plan_command
+
+        result = _evaluate_plan_command(args, pipe)
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(out)
+        print(json.dumps({k: v for k, v in result.items() if k != "per_track"}, indent=2))
+        return 0
     if args.random_denoiser:
         torch.manual_seed(args.seed)
         pipe = dataclasses.replace(pipe, denoiser=SoftAlignUNet(pipe.denoiser.config).eval())
@@ -279,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_matrix)
 
-    s = sub.add_parser("evaluate", help="musical agreement with the true chords of labelled pairs")
+    s = sub.add_parser("evaluate", help="musical agreement with the true chords of labelled pairs; with "
+                       "--plan, the plan's simulated quality loss and size against full precision")
     s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
     s.add_argument("--data", required=True, help="labelled stems folder (toolkit data synth)")
     s.add_argument("--steps", type=int, default=None)
@@ -287,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tracks", type=int, default=None)
     s.add_argument("--random-denoiser", action="store_true",
                    help="baseline: same architecture and VAE, denoiser with random weights")
+    s.add_argument("--plan", default=None,
+                   help="plan JSON (toolkit plan): evaluate its fake quantization against full precision")
+    s.add_argument("--calib", default=None,
+                   help="with --plan: calibration set for activation ranges (toolkit calibrate)")
     s.add_argument("--out", default=None, help="write the full result (per track) as JSON")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_evaluate)
@@ -308,11 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from toolkit.checkpoint_errors import CheckpointError
     from toolkit.config import ConfigError
+    from toolkit.export_errors import ParityError, QualityBudgetError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, FileExistsError, ValueError, NotImplementedError) as exc:
+    except (CheckpointError, ConfigError, FileExistsError, ValueError, NotImplementedError, ParityError,
+            QualityBudgetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
