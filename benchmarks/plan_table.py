@@ -44,6 +44,8 @@ def plans(pipe, sensitivity: dict, source: str, min_snr_db: float) -> dict[str, 
                                     min_snr_db=min_snr_db, **common),
         "w4a8 size<=0.30": make_plan("w4a8", sizes, fp32, budget=0.30, sensitivity=sensitivity,
                                      sensitivity_source=source, min_snr_db=min_snr_db, **common),
+        "w8a8 (refined, 32 dB)": make_plan("w8a8", sizes, fp32, sensitivity=sensitivity, sensitivity_source=source,
+                                           min_snr_db=max(min_snr_db, 32.0), **common),
     }
     return out
 
@@ -56,7 +58,7 @@ def row(name: str, plan: dict, ev: dict) -> str:
     pred = plan["search"]["predicted_latent_snr_db"]
     return (f"| {name} | {len(plan['overrides'])} | {size['denoiser']['ratio']:.3f} | "
             f"{size['vae_decoder']['ratio']:.3f} | {'' if pred is None else f'{pred:.1f}'} | "
-            f"{p['latent_snr_db']:.1f} | {p['audio_snr_db']:.1f} | {r['log_mel_l1']['mean']:.2f} / "
+            f"{p['latent_snr_db']:.1f} / {p['latent_snr_db_worst_segment']:.1f} | {p['audio_snr_db']:.1f} | {r['log_mel_l1']['mean']:.2f} / "
             f"{r['log_mel_l1']['worst']:.2f} | {r['mrstft']['worst']:.2f} | {r['lsd_db']['worst']:.2f} | "
             f"{r['loudness_diff_db']['worst']:.2f} | {fd['fp32_to_truth']:.0f} → {fd['quantized_to_truth']:.0f} | "
             f"{f.get('chord_cosine', float('nan')):.3f} → {q.get('chord_cosine', float('nan')):.3f} | "
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         (args.out / f"{slug}.eval.json").write_text(json.dumps(ev, indent=1) + "\n")
         rows.append(row(name, plan, ev))
     header = ("| plan | overrides | denoiser bytes / fp32 | decoder bytes / fp32 | predicted latent SNR dB | "
-              "latent SNR dB (mean) | audio SNR dB | log-mel L1 / spread (mean / worst) | MRSTFT / spread (worst) | "
+              "latent SNR dB (mean / worst segment) | audio SNR dB | log-mel L1 / spread (mean / worst) | MRSTFT / spread (worst) | "
               "LSD / spread (worst) | loudness / spread (worst) | log-mel FD to truth (fp32 → plan) | "
               "chord cosine (fp32 → plan) | tempo match (fp32 → plan) |\n|" + "---|" * 14)
     table = header + "\n" + "\n".join(rows)

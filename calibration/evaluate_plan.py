@@ -153,13 +153,17 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
     music = {"fp32": [], "quantized": []}
     for path in tqdm(tracks, desc="evaluate plan", disable=not show_progress, file=sys.stderr):
         track = load_track(path, sample_rate=sr, channels=pipeline.audio_channels)
-        ref = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed)
+        ref_lat, test_lat = [], []
+        ref = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed,
+                                     latents=ref_lat)
         other = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed + 1)
-        test = generate_accompaniment(q, track.vocals, steps=steps, guidance=guidance, seed=seed)
+        test = generate_accompaniment(q, track.vocals, steps=steps, guidance=guidance, seed=seed, latents=test_lat)
         dist = metrics.paired_audio_metrics(ref, test, sr)
         spread = metrics.paired_audio_metrics(ref, other, sr)
+        seg_snr = [min(metrics.snr_db(a, b), 200.0) for a, b in zip(ref_lat, test_lat)]
         rows.append({"track": track.name, **dist, "seed_spread": spread,
                      "relative_to_spread": metrics.relative_to_spread(dist, spread),
+                     "latent_snr_db": float(np.mean(seg_snr)), "latent_snr_db_worst_segment": float(min(seg_snr)),
                      "audio_snr_db": metrics.snr_db(ref, test)})
         fp32_audio.append(ref)
         q_audio.append(test)
@@ -177,7 +181,8 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
 
     fd_fp32 = log_mel_frechet(fp32_audio, truth, sr)
     fd_q = log_mel_frechet(q_audio, truth, sr)
-    paired = {k: mean(rows, k) for k in (*metrics.DISTANCES, "si_snr_db", "audio_snr_db")}
+    paired = {k: mean(rows, k) for k in (*metrics.DISTANCES, "si_snr_db", "audio_snr_db", "latent_snr_db")}
+    paired["latent_snr_db_worst_segment"] = float(min(r["latent_snr_db_worst_segment"] for r in rows))
     relative = {k: {"mean": float(np.mean([r["relative_to_spread"][k] for r in rows])),
                     "worst": float(np.max([r["relative_to_spread"][k] for r in rows]))}
                 for k in metrics.DISTANCES}

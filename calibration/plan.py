@@ -56,7 +56,10 @@ KEEP_HIGH = (
 )
 
 PRESETS = {name: PRECISIONS[name] for name in ("w8a16", "w8a8", "w4a8")}
-DEFAULT_MIN_SNR_DB = 26.0  # predicted latent SNR a refined plan aims at: the 20 dB budget + 6 dB margin
+# Predicted (mean) latent SNR a refined plan aims at. The prediction matches the measured mean within
+# ~1 dB on the demo, but the worst example sits ~6 dB below the mean: 32 dB keeps the worst above the
+# 20 dB budget with margin (measured: refined w8a8 at 26 dB → worst 14 dB; at 32 dB → worst 27 dB).
+DEFAULT_MIN_SNR_DB = 32.0
 # Rungs a refinement moves a layer up, from its preset; fp16 (HIGH_PRECISION) is always last.
 PRECISION_LADDER = ("w4a8", "w4a16", "w8a8", "w8a16")
 COMPONENT_SECTIONS = ("vae_decoder",)  # components with their own plan section (denoiser: top level)

@@ -456,3 +456,60 @@ def test_resynthesis_below_the_synthesizer_rate():
 
     y = resynthesize(np.random.default_rng(0), seconds=1.0, sample_rate=2000)
     assert y.shape[-1] == 2000 and np.isfinite(y).all() and np.abs(y).max() > 0
+
+
+def _tiny_plan(pipe, preset="w8a8"):
+    from calibration.fakequant import quantizable_leaves
+    from calibration.plan import make_plan
+    from calibration.sensitivity import layer_sizes
+    from toolkit.components import component_specs
+
+    sizes, fp32 = layer_sizes(pipe.denoiser)
+    dec = list(quantizable_leaves(component_specs(pipe)["vae_decoder"].module))
+    return make_plan(preset, sizes, fp32, vae_decoder_layers=dec, model=pipe.config.name)
+
+
+def test_evaluate_plan_reports_quality_loss_and_size(tiny_pipeline, calib_dir, synth_dir):
+    from calibration.evaluate_plan import evaluate_plan
+
+    ev = evaluate_plan(tiny_pipeline, _tiny_plan(tiny_pipeline), calib_dir, synth_dir, steps=2, guidance=2.0,
+                       max_tracks=2, show_progress=False)
+    assert ev["tracks"] == 2
+    # Something was quantized (not identical), nothing exploded.
+    assert 0.0 < ev["paired"]["latent_snr_db"] < 200.0
+    assert all(np.isfinite(v["worst"]) for v in ev["relative_to_spread"].values())
+    fd = ev["frechet_log_mel"]
+    assert fd["change"] == pytest.approx(fd["quantized_to_truth"] - fd["fp32_to_truth"])
+    assert set(ev["musical_agreement"]) == {"fp32", "quantized"}
+    size = ev["size"]
+    assert size["vae_encoder"]["ratio"] == 1.0  # the encoder stays float
+    assert 0.25 < size["denoiser"]["ratio"] < 1.0 and 0.25 < size["vae_decoder"]["ratio"] < 1.0
+
+
+def test_quantized_bundle_is_refused_when_it_breaks_its_budget(tiny_pipeline, calib_dir, tmp_path):
+    from runtime_py.verify import verify
+    from toolkit.bundle import export_bundle
+    from toolkit.export_errors import QualityBudgetError
+
+    plan = _tiny_plan(tiny_pipeline)
+    impossible = {"latent_snr_db_min": 150.0}  # int8 never gets there
+    with pytest.raises(QualityBudgetError, match="latent_snr_db"):
+        export_bundle(tiny_pipeline, target="onnx", out_root=tmp_path, plan=plan, calib=calib_dir, steps=2,
+                      quality_budget=impossible)
+    assert not (tmp_path / "tiny-onnx-w8a8").exists()  # nothing half-written left behind
+    forced = export_bundle(tiny_pipeline, target="onnx", out_root=tmp_path, plan=plan, calib=calib_dir,
+                           steps=2, quality_budget=impossible, force=True)
+    manifest = json.loads((forced / "manifest.json").read_text())
+    assert forced.name == "tiny-onnx-w8a8" and manifest["host_check"]["status"] == "fail"
+    assert manifest["components"]["vae_encoder"]["details"].get("lowering") is None  # float
+    for name in ("denoiser", "vae_decoder"):
+        lowering = manifest["components"][name]["details"]["lowering"]
+        assert lowering["honoured"] > 0
+    loose = {"latent_snr_db_min": -100.0, "max_relative_to_spread": 1e9}
+    ok = export_bundle(tiny_pipeline, target="onnx", out_root=tmp_path / "ok", plan=plan, calib=calib_dir,
+                       steps=2, quality_budget=loose)
+    report = verify(ok, runs=1, warmup=0)
+    assert report["status"] == "pass" and report["budget"]["limits"] == loose
+    # The host check is the device's own check: the same figures.
+    host = json.loads((ok / "manifest.json").read_text())["host_check"]["aggregate"]
+    assert host["latent_snr_db"] == pytest.approx(report["quality"]["aggregate"]["latent_snr_db"], abs=1e-3)

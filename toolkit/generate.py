@@ -49,8 +49,11 @@ def generate_accompaniment(
     steps: int,
     guidance: float,
     seed: int,
+    latents: list | None = None,
 ) -> np.ndarray:
     """Vocals (C, N) at the pipeline's rate → accompaniment (C, N).
+
+    ``latents``: a list that receives each segment's final latent (D, L), for latent-space metrics.
 
     The denoiser has a fixed latent length, so the vocal is cut into segments of
     ``segment_samples`` (the last one zero-padded), each generated with the next draw of one
@@ -70,5 +73,7 @@ def generate_accompaniment(
         cond = encode_audio(pipeline, chunk)
         noise = initial_noise(pipeline, 1, generator)
         latent = sample_latent(pipeline, cond, noise, steps=steps, guidance=guidance)
+        if latents is not None:
+            latents.append(latent[0].numpy())
         out.append(decode_latent(pipeline, latent)[0].numpy())
     return np.concatenate(out, axis=-1)[:, :n]
