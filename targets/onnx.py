@@ -183,7 +183,7 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
 
         planned = qdq.planned_nodes(model, plan)  # before anything drops the name scopes
         quantized = qdq.quantize_plan(model, spec, plan=plan, calib=calib, planned=planned,
-                                        weight_only_int8=True)
+                                        weight_only_int8=True, symmetric_activations=False)
         model = quantized.model
         opset = qdq.opset_of(model)
 

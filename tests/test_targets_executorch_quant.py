@@ -56,7 +56,7 @@ def denoiser_export(specs, tmp_path_factory):
     plan["conv_in"] = LayerPrecision("fp16", "fp16", "per_tensor")  # kept high: runs float here
     plan["time_mlp.0"] = LayerPrecision("int4", "int8")  # a Linear: XNNPACK has 4-bit linear
     plan["mid.0.conv1"] = LayerPrecision("int4", "int8")  # a Conv1d: falls back to int8
-    plan["mid.0.conv2"] = LayerPrecision("int8", "fp16")  # W8A16: dynamic int8 activations
+    plan["mid.0.conv2"] = LayerPrecision("int8", "fp16")  # W8A16: float (no such XNNPACK kernel)
     feeds = _feeds(spec)
     out = tmp_path_factory.mktemp("et-quant")
     art = get_target("executorch").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=out)
@@ -71,9 +71,8 @@ def test_lowering_report_is_read_from_the_graph(denoiser_export):
     assert report["conv_in"]["applied"]["weights"] == "fp32" and "fp32" in report["conv_in"]["why"]
     assert report["time_mlp.0"]["applied"]["weights"] == "int4"
     assert report["mid.0.conv1"]["applied"]["weights"] == "int8" and "4-bit" in report["mid.0.conv1"]["why"]
-    assert report["mid.0.conv2"]["applied"] == {"weights": "int8", "activations": "int8",
-                                               "granularity": "per_channel"}
-    assert "dynamic" in report["mid.0.conv2"]["why"]
+    assert report["mid.0.conv2"]["applied"]["weights"] == "fp32"
+    assert "W8A16_ON_XNNPACK" in report["mid.0.conv2"]["why"]
     assert art.details["lowering"]["differs"] == sorted(
         ["conv_in", "mid.0.conv1", "mid.0.conv2"], key=list(plan).index)
 
@@ -90,6 +89,20 @@ def test_quantized_program_runs_and_stays_close(denoiser_export, specs, tmp_path
     assert sqnr < 60.0, "no quantization happened"  # an fp32 program is at ~120 dB
     fp32 = get_target("executorch").export(spec, precision="fp32", plan=None, calib=None, out_dir=tmp_path)
     assert (out / art.path).stat().st_size < (tmp_path / fp32.path).stat().st_size
+
+
+def test_w8a16_can_lower_as_dynamic_int8_with_conv1d_as_conv2d(specs, tmp_path, monkeypatch):
+    import targets.executorch as et
+
+    monkeypatch.setattr(et, "W8A16_ON_XNNPACK", "dynamic")
+    spec = specs["vae_decoder"]
+    leaves = list(quantizable_leaves(spec.module))
+    plan = {n: LayerPrecision("fp32", "fp32", "per_tensor") for n in leaves}
+    plan[leaves[2]] = LayerPrecision("int8", "fp16")  # a Conv1d: dynamic needs the Conv2d form
+    art = et.export(spec, precision="fp32", plan=plan, calib=None, out_dir=tmp_path)
+    layer = art.details["lowering"]["layers"][leaves[2]]
+    assert layer["applied"]["weights"] == "int8" and "dynamic" in layer["why"]
+    assert art.details["delegation"]["ops_delegated"] > 0
 
 
 def test_float_layers_keep_float_inputs_next_to_quantized_ones(specs, tmp_path):
