@@ -268,8 +268,7 @@ def export_bundle(
 
 
 def _plan_is_weight_only(plan: dict) -> bool:
-    from calibration.precision import ACTIVATION_DTYPES  # noqa: F401
-
+    """True when no section of ``plan`` quantizes activations (then no calibration set is needed)."""
     sections = [plan, *(plan.get("components") or {}).values()]
     entries = [s["default"] for s in sections] + [o for s in sections for o in s.get("overrides", {}).values()]
     return all(e.get("activations") not in ("int8", "int16") for e in entries)
