@@ -73,13 +73,21 @@ def fake_quantize_activation(x: torch.Tensor, lo: float, hi: float, bits: int) -
     return (q - zero_point) * scale
 
 
-def _calibration_batches(calib, *, guidance: float, folded: bool, batch: int):
-    """(x, t, cond) batches the denoiser sees for the intermediates, both CFG branches when used."""
+def _calibration_batches(calib, *, guidance: float, folded: bool, batch: int, pair: bool | None = None,
+                         limit: int | None = None):
+    """(x, t, cond) batches of ``batch`` intermediates, both CFG branches in one call when ``pair``.
+
+    ``pair`` defaults to "guidance is applied" (unfolded, scale ≠ 1), with the unconditional branch
+    zeroed; a paired call without guidance repeats the conditioning (the deployed batch-2 shape).
+    """
     cfg = not folded and guidance != 1.0
-    for s in range(0, calib.x_t.shape[0], batch):
-        x, t, c = calib.x_t[s:s + batch], calib.t[s:s + batch], calib.cond[s:s + batch]
-        if cfg:
-            yield torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, torch.zeros_like(c)])
+    pair = cfg if pair is None else pair
+    n = calib.x_t.shape[0] if limit is None else min(limit, calib.x_t.shape[0])
+    for s in range(0, n, batch):
+        e = min(s + batch, n)
+        x, t, c = calib.x_t[s:e], calib.t[s:e], calib.cond[s:e]
+        if pair:
+            yield torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, torch.zeros_like(c) if cfg else c])
         else:
             yield x, t, c
 
@@ -91,20 +99,12 @@ def denoiser_feeds(calib, *, batch: int, guidance: float | None = None, folded: 
     ``batch`` 2: each intermediate with both CFG branches in one call ([x, x], [t, t], [c, 0]), as
     the device runs an unfolded model; ``batch`` 1: the conditional input alone (folded guidance).
     """
+    if batch not in (1, 2):
+        raise ValueError(f"denoiser batch must be 1 or 2, got {batch}")
     guidance = calib.manifest["guidance"] if guidance is None else guidance
     folded = calib.manifest.get("guidance_folded", False) if folded is None else folded
-    n = calib.x_t.shape[0] if limit is None else min(limit, calib.x_t.shape[0])
-    feeds = []
-    for i in range(n):
-        x, t, c = calib.x_t[i:i + 1], calib.t[i:i + 1], calib.cond[i:i + 1]
-        if batch == 2:
-            uncond = c if folded or guidance == 1.0 else torch.zeros_like(c)
-            feeds.append((torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, uncond])))
-        elif batch == 1:
-            feeds.append((x, t, c))
-        else:
-            raise ValueError(f"denoiser batch must be 1 or 2, got {batch}")
-    return feeds
+    return list(_calibration_batches(calib, guidance=guidance, folded=folded, batch=1, pair=batch == 2,
+                                     limit=limit))
 
 
 @torch.no_grad()
