@@ -16,17 +16,25 @@ entry becomes on XNNPACK:
 
 | plan entry            | applied                                                                  |
 | --------------------- | ------------------------------------------------------------------------ |
-| int8 w / int8 a       | static int8: per-channel symmetric weights, per-tensor activations        |
-| int8 w / fp16-32 a    | fp32 (``W8A16_ON_XNNPACK = "float"``): XNNPACK has no int8-weight kernel  |
-|                       | with float activations. The alternative, ``"dynamic"`` (int8 weights,     |
-|                       | int8 activations quantized per call; Conv1d run as Conv2d (1×k), which   |
-|                       | NOTES.md shows the dynamic quantizer needs), keeps the bytes small but    |
-|                       | quantizes exactly the activations a refined plan raised because int8     |
-|                       | hurt them: on the demo's refined w8a8 plan it gave 13.5 dB worst latent   |
-|                       | SNR against the 20 dB budget, so float is the default                     |
-| int4 w (Linear)       | 4-bit per-channel weights (qmin −8, qmax 7), dynamic int8 activations     |
-| int4 w (Conv)         | int8 weights: XNNPACK's 4-bit kernels cover linear only                   |
-| fp16 / fp32 w         | fp32: one XNNPACK program here is float32 or integer, not half per layer  |
+| int8 w / int8 a       | int8 per-channel weights; activations int8 with one scale per time step, |
+|                       | computed at run time (``INT8_ACTIVATIONS_ON_XNNPACK = "per_step"``):     |
+|                       | Conv1d runs as a time-major Linear (:func:`conv1d_as_linear`), whose     |
+|                       | dynamically quantized XNNPACK kernel quantizes each row. ``"static"``:   |
+|                       | one calibrated scale per tensor, and every int8 layer's output is        |
+|                       | quantized too. ConvTranspose1d and grouped convs are always static       |
+| int8 w / fp16-32 a    | the same per-step int8 activations (``W8A16_ON_XNNPACK = "per_step"``):  |
+|                       | XNNPACK has no int8-weight kernel with float activations; ``"float"``     |
+|                       | keeps the layer fp32 at 4× the bytes                                      |
+| int4 w                | 4-bit per-channel weights (qmin −8, qmax 7), per-step int8 activations;   |
+|                       | Linear and rewritable Conv1d only, other convs fall back to int8          |
+| fp16 / fp32 w         | fp32: one XNNPACK program here is float32 or integer, not half per layer |
+
+Why per-step by default, measured on the demo denoiser with its refined w8a8 plan (16-step
+sampling, worst of the bundle's reference examples): static int8 activations gave 19.3 dB latent
+SNR even with every W8A16 layer kept fp32 (0.63 of the fp32 bytes); in a fake-quantized estimate
+over 8 calibration examples, per-step activations on every int8 layer gave 32.4 dB mean, 27.0 dB
+worst, at 0.26 of the bytes. A diffusion U-Net's activations vary over time steps (seed 001's
+premise); one scale per tensor has to cover all of them, one scale per time step does not.
 
 Positive selection by module name needs ``nn_module_stack`` on the weight ``get_attr`` nodes,
 which ``torch.export`` leaves empty (NOTES.md); it is filled from the attribute path before
@@ -145,39 +153,61 @@ def half_with_float_io(module):
     return HalfWithFloatIO(module).eval()
 
 
-def conv1d_as_conv2d(module, names):
-    """A copy of ``module`` whose Conv1d leaves in ``names`` run as Conv2d with a (1, k) kernel.
+def conv1d_as_linear(module, names):
+    """A copy of ``module`` whose Conv1d leaves in ``names`` run as time-major Linear layers.
 
-    The same arithmetic, in the form XNNPACK's dynamic quantizer annotates (it wants 4-D weights).
-    The layer keeps its FQN; the Conv2d is its child ``conv``.
+    The same arithmetic (im2col): the input (B, C, T) is zero-padded, its k dilated taps are
+    stacked on the channel axis (B, k·C, T'), transposed to (B, T', k·C) and multiplied by the
+    weight laid out tap-major (out, k·C). In this form XNNPACK's dynamically quantized linear
+    kernels apply, which quantize each row, here each time step, with its own scale at run time
+    (per-token activations); the 4-bit linear kernels apply too. The layer keeps its FQN; the
+    Linear is its child ``linear``. Only ungrouped, zero-padded convolutions are rewritten.
     """
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
-    class _Conv1dAs2d(nn.Module):
+    class _Conv1dAsLinear(nn.Module):
         def __init__(self, conv: nn.Conv1d):
             super().__init__()
-            self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]),
-                                  stride=(1, conv.stride[0]), padding=(0, conv.padding[0]),
-                                  dilation=(1, conv.dilation[0]), groups=conv.groups,
-                                  bias=conv.bias is not None)
-            with torch.no_grad():
-                self.conv.weight.copy_(conv.weight.unsqueeze(2))
+            k = conv.kernel_size[0]
+            self.k, self.stride, self.dilation = k, conv.stride[0], conv.dilation[0]
+            self.padding = conv.padding[0]
+            self.linear = nn.Linear(k * conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+            with torch.no_grad():  # (out, in, k) -> (out, k, in) -> (out, k·in): tap-major
+                self.linear.weight.copy_(conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1))
                 if conv.bias is not None:
-                    self.conv.bias.copy_(conv.bias)
+                    self.linear.bias.copy_(conv.bias)
 
         def forward(self, x):
-            return self.conv(x.unsqueeze(2)).squeeze(2)
+            if self.padding:
+                x = F.pad(x, (self.padding, self.padding))
+            t_out = (x.shape[-1] - self.dilation * (self.k - 1) - 1) // self.stride + 1
+            span = self.stride * (t_out - 1) + 1
+            taps = [x[:, :, j * self.dilation: j * self.dilation + span: self.stride]
+                    for j in range(self.k)]
+            cols = taps[0] if self.k == 1 else torch.cat(taps, dim=1)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·T', k·C): one row per step
+            out = self.linear(rows).reshape(x.shape[0], t_out, -1)
+            return out.transpose(1, 2)
 
     out = copy.deepcopy(module)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
         conv = getattr(parent, child)
-        if not isinstance(conv, nn.Conv1d) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise TypeError(f"{name}: only zero-padded Conv1d layers with numeric padding can be rewritten")
-        setattr(parent, child, _Conv1dAs2d(conv))
+        if not _rewritable_conv1d(conv):
+            raise TypeError(f"{name}: only ungrouped, zero-padded Conv1d layers with numeric padding "
+                            "can run as a linear layer")
+        setattr(parent, child, _Conv1dAsLinear(conv))
     return out
+
+
+def _rewritable_conv1d(leaf) -> bool:
+    from torch import nn
+
+    return (type(leaf) is nn.Conv1d and leaf.groups == 1 and leaf.padding_mode == "zeros"
+            and not isinstance(leaf.padding, str))
 
 
 def _fill_get_attr_module_stack(graph_module) -> None:
@@ -189,9 +219,13 @@ def _fill_get_attr_module_stack(graph_module) -> None:
                 f"fill_{i}": (".".join(parts[:i + 1]), object) for i in range(len(parts))}
 
 
-# How a W8A16 entry (int8 weights, float activations) lowers to XNNPACK: "float" or "dynamic" (see
-# the module doc for why float is the default).
-W8A16_ON_XNNPACK = "float"
+# How int8 activations lower to XNNPACK: "per_step" (dynamic, one scale per time step; the
+# default) or "static" (one calibrated scale per tensor, and every int8 layer's output quantized
+# too). See the module doc for the measurements behind the default.
+INT8_ACTIVATIONS_ON_XNNPACK = "per_step"
+# How a W8A16 entry (int8 weights, float activations) lowers: "per_step" (int8 activations per time
+# step, dynamic; XNNPACK has no 16-bit activation kernel) or "float" (fp32, 4× the bytes).
+W8A16_ON_XNNPACK = "per_step"
 
 
 def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
@@ -202,24 +236,30 @@ def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
     for name, want in plan.items():
         leaf = module.get_submodule(name)
         linear = isinstance(leaf, nn.Linear)
+        per_step = linear or _rewritable_conv1d(leaf)
+        kind_name = type(leaf).__name__
         if want.weights in ("fp16", "fp32"):
             kinds[name] = ("float", None if want.weights == "fp32" else
                            "fp32: one XNNPACK program is float32 or integer, not half per layer")
-        elif want.weights == "int4" and linear:
-            kinds[name] = ("int4_dynamic", None if want.activations == "int8" else
-                           "int8 dynamic activations: XNNPACK's 4-bit kernels take int8 activations")
-        elif want.weights == "int4" and want.activations == "int8":
-            kinds[name] = ("int8_static", f"int8 weights: XNNPACK has no 4-bit {type(leaf).__name__} kernel "
-                                          "(linear only)")
+        elif want.weights == "int4" and per_step:
+            kinds[name] = ("int4_step", None if want.activations == "int8" else
+                           "int8 activations per time step: XNNPACK's 4-bit kernels take int8 "
+                           "activations")
+        elif want.weights == "int4":
+            kinds[name] = ("int8_static", f"int8 weights: XNNPACK has no 4-bit {kind_name} kernel "
+                                          "(linear, and convolutions run as linear, only)")
+        elif want.activations == "int8" and INT8_ACTIVATIONS_ON_XNNPACK == "per_step" and per_step:
+            kinds[name] = ("int8_step", None)
         elif want.activations == "int8":
             kinds[name] = ("int8_static", None)
-        elif W8A16_ON_XNNPACK == "dynamic":
-            kinds[name] = ("int8_dynamic", "dynamic int8 activations: XNNPACK has no int8-weight kernel "
-                                           f"with {want.activations} activations")
+        elif W8A16_ON_XNNPACK == "per_step" and per_step:
+            kinds[name] = ("int8_step", f"int8 activations, one scale per time step at run time: "
+                                        f"XNNPACK has no int8-weight kernel with {want.activations} "
+                                        "activations")
         else:
             kinds[name] = ("float", f"fp32: XNNPACK has no {want.weights}-weight kernel with "
-                                    f"{want.activations} activations, and dynamic int8 activations cost "
-                                    "more quality than the plan allows (see W8A16_ON_XNNPACK)")
+                                    f"{want.activations} activations (W8A16_ON_XNNPACK = "
+                                    f"{W8A16_ON_XNNPACK!r}, {kind_name})")
     return kinds
 
 
@@ -235,14 +275,14 @@ def quantize_pt2e(spec, plan: dict, calib: list):
 
     module = spec.module.eval()
     kinds = _layer_kinds(module, plan)
-    dynamic_convs = [n for n, (k, _) in kinds.items() if k == "int8_dynamic"
-                     and isinstance(module.get_submodule(n), nn.Conv1d)]
-    module = conv1d_as_conv2d(module, dynamic_convs).eval()
+    stepped = [n for n, (k, _) in kinds.items() if k in ("int8_step", "int4_step")
+               and isinstance(module.get_submodule(n), nn.Conv1d)]
+    module = conv1d_as_linear(module, stepped).eval()
     configs = {
         "int8_static": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False),
-        "int8_dynamic": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True),
-        "int4_dynamic": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True,
-                                                          weight_qmin=-8, weight_qmax=7),
+        "int8_step": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True),
+        "int4_step": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True,
+                                                       weight_qmin=-8, weight_qmax=7),
     }
     quantizer = XNNPACKQuantizer()
     for name, (kind, _) in kinds.items():
@@ -260,25 +300,33 @@ def quantize_pt2e(spec, plan: dict, calib: list):
 
 
 def _float_layers_read_float(graph_module, float_layers: set[str]) -> None:
-    """Feed float layers the float tensor, not a quantize → dequantize copy of it.
+    """Float layers read and write float tensors, not quantize → dequantize copies of them.
 
     The quantizer shares quantization parameters across ``cat`` with its quantized neighbours, so
-    a layer the plan keeps float can find its input already rounded to int8; XNNPACK then refuses
-    a float-weight convolution behind a dequantize. The plan says float: read the float value.
+    a layer the plan keeps float can find its input already rounded to int8, or its output rounded
+    on the way into a quantized ``cat`` (the U-Net's upsampling convs). XNNPACK then refuses a
+    float-weight convolution behind a dequantize, or fuses the output quantize into it and fails to
+    create it ("Failed to create convolution node ... xnn_status_invalid_parameter"). The plan
+    says float: the layer reads the float value, and its consumers read its float output.
     """
+    def is_call(n, name: str) -> bool:
+        return getattr(n, "op", None) == "call_function" and name in str(n.target)
+
     changed = False
-    for node in graph_module.graph.nodes:
+    for node in list(graph_module.graph.nodes):
         if node.op != "call_function" or not any(k in str(node.target) for k in ("conv", "linear")):
             continue
         stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
         if not stack or stack[-1] not in float_layers:
             continue
         dq = node.args[0]
-        if (getattr(dq, "op", None) == "call_function" and "dequantize_per_tensor" in str(dq.target)
-                and getattr(dq.args[0], "op", None) == "call_function"
-                and "quantize_per_tensor" in str(dq.args[0].target)):
+        if is_call(dq, "dequantize_per_tensor") and is_call(dq.args[0], "quantize_per_tensor"):
             node.replace_input_with(dq, dq.args[0].args[0])
             changed = True
+        for q in [u for u in node.users if is_call(u, "quantize_per_tensor")]:
+            for dq_out in [u for u in q.users if is_call(u, "dequantize_per_tensor")]:
+                dq_out.replace_all_uses_with(node)
+                changed = True
     if changed:
         graph_module.graph.eliminate_dead_code()
         graph_module.recompile()
@@ -311,11 +359,45 @@ def _applied_from_graph(exported, plan: dict) -> dict:
     return out
 
 
+def _drop_identity_copies(graph_module):
+    """Remove contiguous-copy nodes whose input is already contiguous (an edge pass).
+
+    The time-major linears (:func:`conv1d_as_linear`) reshape transposed tensors, which export
+    records as permute → clone(contiguous) → view. In the edge dialect ``permute_copy`` (and
+    every other op here) writes a new contiguous tensor, so the clone copies nothing; XNNPACK
+    removes such copies when it preprocesses a partition, and a partition left holding only
+    that clone passes its input straight through, which the delegate refuses ("Output node ...
+    is already in the inputs").
+    """
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    changed = False
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or "_clone_dim_order" not in str(node.target):
+            continue
+        src = node.args[0]
+        val = getattr(src, "meta", {}).get("val")
+        rank = getattr(val, "dim", lambda: None)()
+        if rank is None or not val.is_contiguous():
+            continue
+        if list(node.kwargs.get("dim_order") or range(rank)) != list(range(rank)):
+            continue
+        node.replace_all_uses_with(src)
+        graph_module.graph.erase_node(node)
+        changed = True
+    if changed:
+        graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
 def export(spec, *, precision: str, plan: dict | None, calib: list | None,
            out_dir: Path) -> ComponentArtifact:
     check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner,
+        XnnpackPartitioner,
+    )
     from executorch.exir import to_edge_transform_and_lower
 
     from targets import lowering_report, plan_label
@@ -333,9 +415,17 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
         module = spec.module.eval() if precision == "fp32" else half_with_float_io(spec.module)
         exported = torch.export.export(module, tuple(spec.example_inputs))
     names = json.dumps({"inputs": list(spec.input_names), "outputs": list(spec.output_names)})
+    partitioners, passes = [XnnpackPartitioner()], []
+    if lowering is not None and any(k.endswith("_step") for k in lowering["schemes"].values()):
+        # Dynamically quantized linears first, one delegate each (ExecuTorch's own LLM recipe):
+        # merged with their float neighbours they form partitions with dependency cycles around
+        # the ops XNNPACK leaves outside ("Invalid partition, found dependency cycles").
+        partitioners.insert(0, XnnpackDynamicallyQuantizedPartitioner(per_op_mode=True))
+        passes.append(_drop_identity_copies)
     edge = to_edge_transform_and_lower(
         exported,
-        partitioner=[XnnpackPartitioner()],
+        transform_passes=passes,
+        partitioner=partitioners,
         constant_methods={IO_NAMES_METHOD: torch.tensor(list(names.encode()), dtype=torch.uint8)},
     )
     coverage = delegation_coverage(edge.exported_program().graph_module)
@@ -353,7 +443,8 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
             "quantizer": None if lowering is None else "torchao PT2E + XNNPACKQuantizer (per module name)",
             "calibration_inputs": None if lowering is None else len(calib or []),
             "lowering": lowering,
-            "partitioner": "XnnpackPartitioner",
+            "partitioner": " + ".join(type(p).__name__ + ("(per op)" if p.per_op_mode else "")
+                                      for p in partitioners),
             "io_dtype": "float32",
             "io_names_method": IO_NAMES_METHOD,
             "fp16_kept_float32": [n for n, t in zip(spec.input_names, spec.example_inputs)
