@@ -51,7 +51,10 @@ from benchmarks._record import append_section  # noqa: E402
 COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
 VARIANTS = (("eager", "fp32"), ("executorch", "fp32"), ("executorch", "int8"),
-            ("onnx", "fp32"), ("onnx", "int8"))
+            ("executorch", "int8-static"), ("onnx", "fp32"), ("onnx", "int8"))
+# ExecuTorch int8 is the target's default scheme (int8 activations per time step, dynamic:
+# targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK); int8-static is its per-tensor static alternative.
+INT8_PRECISIONS = ("int8", "int8-static")
 AUDIO_SECONDS = 1.0  # the VAE decoder decodes the latent of this much audio per call
 CFG_BATCH = 2  # both classifier-free-guidance branches in one denoiser call
 # ORT kernels that compute in int8; QDQ around a float Conv runs dequantize + fp32 Conv instead.
@@ -146,7 +149,11 @@ def work_export(job: dict) -> dict:
 
     spec = build_spec(job["component"], job["preset"], seed=job["seed"])
     plan = calib = None
-    if job["precision"] == "int8":
+    if job["precision"] in INT8_PRECISIONS:
+        import targets.executorch
+
+        targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK = (
+            "static" if job["precision"] == "int8-static" else "per_step")
         plan = w8a8_plan(spec.module, float_layers=tuple(job.get("float_layers", ())))
         calib = [random_inputs(job["component"], job["preset"], seed=job["seed"] + 1 + i)
                  for i in range(job["calib_n"])]
@@ -351,7 +358,7 @@ def measure_component(component: str, preset: str, *, seed: int, calib_n: int, t
         res = run_job(job, work=work, timeout_s=timeout_s)
         log(f"[{component}]   {_describe_export(res)}")
         keep_float = ET_CYCLE_FLOAT_LAYERS.get(component)
-        if (target == "executorch" and precision == "int8" and keep_float
+        if (target == "executorch" and precision in INT8_PRECISIONS and keep_float
                 and ET_CYCLE_ERROR in res.get("error", "")):
             log(f"[{component}] the all-W8A8 plan does not partition for XNNPACK ({res['error']}); "
                 f"retrying with {', '.join(keep_float)} fp32 ...")
@@ -375,7 +382,8 @@ def measure_component(component: str, preset: str, *, seed: int, calib_n: int, t
                 else:
                     res = run_job({**timing, "kind": "runtime", "runtime": runtime,
                                    "path": export["path"],
-                                   "count_int8_kernels": precision == "int8" and n == threads[0]},
+                                   "count_int8_kernels": precision in INT8_PRECISIONS
+                                   and n == threads[0]},
                                   work=work, timeout_s=timeout_s, threads=n)
             out["latency"].setdefault(key, {})[str(n)] = res
             log(f"[{component}]   " + (f"p50 {res['p50_ms']:.2f} ms, min {res['min_ms']:.2f} ms"
@@ -575,8 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         "measurement, each in its own subprocess; p50 shown (min in the JSON). Denoiser: one call "
         "with both CFG branches (batch 2). VAE decoder: the latent of 1 s of audio "
         "(ceil(sample rate / downsampling) frames), so its ms are ms per second of audio. int8 = "
-        f"every Conv/ConvTranspose/Linear static W8A8 (per-channel symmetric weights, per-tensor "
-        f"activations), calibrated on {a.calib_n} random inputs (t ~ U(0, 1)). ONNX Runtime through "
+        "every Conv/ConvTranspose/Linear W8A8 with per-channel symmetric weights. ExecuTorch int8: "
+        "int8 activations with one scale per time step computed at run time (Conv1d as time-major "
+        "Linear, XNNPACK's dynamically quantized kernels; the target's default); int8-static: one "
+        "calibrated scale per tensor, the static XNNPACK int8 kernels. ONNX int8: static QDQ. "
+        f"Static scales calibrated on {a.calib_n} random inputs (t ~ U(0, 1)). ONNX Runtime through "
         "runtime_py's runner (CPU provider, ORT_ENABLE_BASIC); ExecuTorch through its runner "
         "(XNNPACK threadpool reset to n before loading). "
         f"Floor = FLOPs of one eager forward (FlopCounterMode) / fp32 GEMM throughput ({gemm_text}; "
@@ -593,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                          + (", ".join(f"{k} ×{v}" for k, v in kernels.items()) if kernels else
                             "none (Q/DQ on the weighted ops' inputs only run as dequantize + fp32 "
                             "Conv/MatMul on the CPU provider)"))
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32", *INT8_PRECISIONS):
             export = r["exports"].get(f"executorch/{precision}", {})
             if "delegation" in export:
                 d = export["delegation"]
@@ -601,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{d['ops_total']} ops in {d['delegates']} XNNPACK delegates; outside: "
                              f"{_ops_list(d['non_delegated_ops'], limit=8)}")
             if export.get("all_w8a8_error"):
-                notes.append(f"{r['component']} ExecuTorch int8: the all-W8A8 plan failed to lower "
+                notes.append(f"{r['component']} ExecuTorch {precision}: the all-W8A8 plan failed to lower "
                              f"({export['all_w8a8_error']}); measured with "
                              f"{', '.join(export['float_layers'])} kept fp32, everything else W8A8.")
     if verdict:
