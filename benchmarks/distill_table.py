@@ -133,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weightings", default=",".join(WEIGHTING_ORDER),
                    help=f"comma-separated subset of {','.join(WEIGHTING_ORDER)}")
     p.add_argument("--iterations", type=int, default=1000, help="optimizer steps per round")
+    p.add_argument("--fold-iterations", type=int, default=0,
+                   help="fold CFG first, once, as round 0 at N steps (Meng et al. 2023 stage one, "
+                        "BSA weighting); every weighting then distils the folded model")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the student weights (0: off)")
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--guidance", type=float, default=None, help="default: the teacher's")
     p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True)
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         work = tmp_work
         teacher_path = tiny_teacher(work / "teacher")
         a.start_steps, a.rounds, a.iterations, a.batch_size, a.lr = 8, 3, 2, 4, 1e-3
+        a.fold_iterations = min(a.fold_iterations, 2)
         a.train_n, a.heldout_n = 2, 2
     else:
         work = a.work
@@ -204,11 +209,25 @@ def main(argv: list[str] | None = None) -> int:
                          "nfe": steps * teacher_nfe,
                          "metrics": measure(outputs, reference, spread, tracks, true_frames, sr)})
             print(f"teacher {steps} steps done", file=sys.stderr)
+        first = teacher
+        if a.fold_iterations:
+            # Round 0, shared: every weighting's rounds start from the same folded model.
+            fold_args = DistillArgs(start_steps=n, rounds=0, fold_iterations=a.fold_iterations,
+                                    gamma=a.gamma, guidance=guidance, batch_size=a.batch_size,
+                                    lr=a.lr, ema=a.ema, seed=a.seed)
+            (fold_path,) = distill(teacher, data, work / "students" / "fold", fold_args,
+                                   provenance={"command": command, "benchmark": "distill_table"})
+            first = load_checkpoint(fold_path)
+            outputs = render(first, tracks, steps=n, guidance=guidance, seeds=seeds)
+            rows.append({"model": "CFG folded (round 0)", "weighting": "bsa (eq. 10)", "steps": n,
+                         "nfe": n, "metrics": measure(outputs, reference, spread, tracks,
+                                                      true_frames, sr)})
+            print(f"folded {n} steps done", file=sys.stderr)
         for weighting in weightings:
             args = DistillArgs(start_steps=n, rounds=a.rounds, weighting=weighting, gamma=a.gamma,
                                guidance=guidance, fold=a.fold, iterations=a.iterations,
-                               batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-            paths = distill(teacher, data, work / "students" / weighting, args,
+                               batch_size=a.batch_size, lr=a.lr, ema=a.ema, seed=a.seed)
+            paths = distill(first, data, work / "students" / weighting, args,
                             provenance={"command": command, "benchmark": "distill_table"})
             for path in paths:
                 student = load_checkpoint(path)
@@ -223,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(rows)
         spread_txt = ", ".join(f"{k} {spread[k]:.3g}" for k in DISTANCES if k in spread)
         notes = (f"Teacher `{teacher_path or 'demo'}` ({teacher.config.name}), N = {n}, guidance "
-                 f"{guidance}, {'folded' if a.fold else 'not folded'}; {a.rounds} rounds × "
-                 f"{a.iterations} iterations, batch {a.batch_size}, lr {a.lr}, γ {a.gamma}; "
+                 f"{guidance}, {'folded' if a.fold else 'not folded'}"
+                 f"{f' first, in a round 0 of {a.fold_iterations} iterations' if a.fold_iterations else ''}"
+                 f"; {a.rounds} rounds × "
+                 f"{a.iterations} iterations, batch {a.batch_size}, lr {a.lr}, EMA {a.ema}, γ {a.gamma}; "
                  f"{len(tracks)} held-out pairs × {len(seeds)} seeds (dataset seed {HELDOUT_SEED}). "
                  f"Teacher {n}-step seed-to-seed spread: {spread_txt}. NFE: denoiser calls per clip "
                  "segment (CFG costs two per step unless folded).")

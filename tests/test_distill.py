@@ -14,7 +14,7 @@ from toolkit.config import ConfigError, config_from_dict, config_to_dict
 from toolkit.data.synth import write_synth_dataset
 from toolkit.diffusion import CosineSchedule, make_table
 from toolkit.distill import (
-    LATENTS_FILE, STATE_FILE, WEIGHTINGS, DistillArgs, distill, teacher_target,
+    LATENTS_FILE, STATE_FILE, WEIGHTINGS, DistillArgs, distill, guided_target, teacher_target,
 )
 from toolkit.generate import generate_accompaniment
 from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
@@ -55,6 +55,13 @@ def test_distill_args_round_trip_and_validate():
         DistillArgs(start_steps=12, rounds=3)
     with pytest.raises(ConfigError, match="weighting"):
         DistillArgs(weighting="snr")
+    with pytest.raises(ConfigError, match="fold_iterations"):
+        DistillArgs(fold=False, fold_iterations=10)
+    with pytest.raises(ConfigError, match="rounds"):
+        DistillArgs(rounds=0)
+    stage = DistillArgs(start_steps=16, rounds=2, iterations=5, fold_iterations=7)
+    assert (stage.first_round, stage.student_steps(0), stage.round_iterations(0)) == (0, 16, 7)
+    assert [stage.steps_before(k) for k in (0, 1, 2)] == [0, 7, 12]
 
 
 # --- the teacher's two DDIM steps, by hand -------------------------------------------------------
@@ -116,6 +123,24 @@ def test_teacher_target_refuses_off_grid_times_and_unfolded_guidance():
                        n_steps=4, guidance=3.0, fold=False)
 
 
+def test_guided_target_is_the_teachers_cfg_x0_at_the_same_time():
+    schedule = CosineSchedule()
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    z = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    cond = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    w = 2.5
+    got = guided_target(analytic_teacher, z, t, cond, schedule=schedule, guidance=w)
+    table = make_table(schedule, 4)  # rows 0..4: t = 1, 0.75, 0.5, 0.25, 0
+    for b in range(4):
+        a, s = table.alpha[b], table.sigma[b]
+        tb = t[b:b + 1]
+        v_c = analytic_teacher(z[b:b + 1], tb, cond[b:b + 1])
+        v_u = analytic_teacher(z[b:b + 1], tb, torch.zeros_like(cond[b:b + 1]))
+        want = a * z[b:b + 1] - s * (v_u + w * (v_c - v_u))  # x̂ = α z − σ ṽ
+        assert torch.allclose(got[b:b + 1], want, rtol=0, atol=1e-10), b
+
+
 # --- the loop on a tiny pipeline ------------------------------------------------------------------
 
 
@@ -161,6 +186,34 @@ def test_rounds_halve_steps_and_write_complete_checkpoints(tiny_teacher, tiny_da
     assert (tmp_path / "out-state" / LATENTS_FILE).is_file()
     # A rerun of a finished run does nothing and returns the same checkpoints.
     assert distill(teacher, tiny_data, tmp_path / "out", args, show_progress=False) == paths
+
+
+def test_folding_stage_is_round_0_and_the_rounds_distil_the_folded_model(tiny_teacher, tiny_data,
+                                                                         tmp_path):
+    teacher = load_checkpoint(tiny_teacher)
+    args = DistillArgs(start_steps=8, rounds=1, iterations=2, fold_iterations=3, batch_size=4,
+                       lr=1e-3, guidance=3.0)
+    paths = distill(teacher, tiny_data, tmp_path / "out", args, show_progress=False)
+    assert [p.name for p in paths] == ["round-0-8steps", "round-1-4steps"]
+    folded, student = load_checkpoint(paths[0]), load_checkpoint(paths[1])
+    assert folded.config.guidance_folded and folded.config.default_steps == 8
+    prov = folded.config.provenance
+    assert (prov["round"], prov["iterations"], prov["teacher_steps"]) == (0, 3, 8)
+    assert "Meng" in prov["method"]
+    assert student.config.provenance["iterations"] == 2 and student.config.default_steps == 4
+    # Resume across the stage boundary: stop inside round 0, then inside round 1.
+    out = tmp_path / "resumed"
+    assert distill(teacher, tiny_data, out, args, show_progress=False, stop_at=2) is None
+    assert distill(teacher, tiny_data, out, args, show_progress=False, stop_at=4) is None
+    state = torch.load(tmp_path / "resumed-state" / STATE_FILE, weights_only=False)
+    assert (state["round"], state["step"]) == (1, 1)
+    resumed = distill(teacher, tiny_data, out, args, show_progress=False)
+    for a_path, b_path in zip(paths, resumed):
+        a, b = _weights(a_path), _weights(b_path)
+        assert all(torch.equal(a[k], b[k]) for k in a), a_path.name
+    # A folded teacher has nothing left to fold.
+    with pytest.raises(ValueError, match="already folds"):
+        distill(folded, tiny_data, tmp_path / "again", args, show_progress=False)
 
 
 class CountingDenoiser:
@@ -242,3 +295,24 @@ def test_ddp_two_cpu_processes_gloo(tiny_teacher, tiny_data, tmp_path):
     a, b = _weights(single[0]), pipe.denoiser.state_dict()
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert float(diff.mean()) < 1e-5, float(diff.mean())
+
+
+def test_ema_weights_are_written_taught_from_and_resumed(tiny_teacher, tiny_data, tmp_path):
+    teacher = load_checkpoint(tiny_teacher)
+    raw_args = DistillArgs(start_steps=4, rounds=1, iterations=3, batch_size=4, lr=1e-2)
+    ema_args = dataclasses.replace(raw_args, ema=0.5)
+    (raw,) = distill(teacher, tiny_data, tmp_path / "raw", raw_args, show_progress=False)
+    (ema,) = distill(teacher, tiny_data, tmp_path / "ema", ema_args, show_progress=False)
+    t0, r, e = _weights(tiny_teacher), _weights(raw), _weights(ema)
+    # Same batches and updates; the EMA lies between the start (the teacher) and the raw student.
+    for k in t0:
+        if t0[k].is_floating_point() and not torch.equal(t0[k], r[k]):
+            assert not torch.equal(e[k], r[k]), k
+            assert float((e[k] - t0[k]).abs().sum()) < float((r[k] - t0[k]).abs().sum()) + 1e-12, k
+    assert load_checkpoint(ema).config.provenance["ema"] == 0.5
+    out = tmp_path / "ema-resumed"
+    assert distill(teacher, tiny_data, out, ema_args, show_progress=False, stop_at=2) is None
+    assert torch.load(tmp_path / "ema-resumed-state" / STATE_FILE, weights_only=False)["ema"] is not None
+    (resumed,) = distill(teacher, tiny_data, out, ema_args, show_progress=False)
+    got = _weights(resumed)
+    assert all(torch.equal(got[k], e[k]) for k in e)

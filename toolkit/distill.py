@@ -5,7 +5,10 @@ two (seed 003 Algorithm 1, Salimans & Ho 2022 adapted to v-prediction); it then 
 teacher and the number of sampling steps halves, round after round. With ``fold`` the teacher's
 classifier-free-guided prediction is the target, so the student makes one conditional call per
 step where the teacher made two (Meng et al. 2023); without it the student learns the conditional
-and the unconditional branch and keeps CFG at sampling time.
+and the unconditional branch and keeps CFG at sampling time. Folding can also be its own stage
+before the halvings (``fold_iterations``, Meng et al. 2023 stage one, "round 0"): the student keeps
+the teacher's step count and regresses the guided x̂ from the conditional call alone; the rounds
+then distil that folded model, one call per teacher step.
 
 Time is continuous as in :mod:`toolkit.diffusion`: a student of N steps samples on t = i / N and is
 trained at those times only; its teacher's two steps go t → t − 0.5/N → t − 1/N. The x-space MSE
@@ -91,13 +94,23 @@ class DistillArgs:
     guidance: float | None = None  # the teacher's CFG scale w; None: the teacher's default_guidance
     fold: bool = True  # the student learns the guided prediction (one call per step)
     iterations: int = 1000  # optimizer steps per round
+    # Round 0 (Meng et al. 2023 stage one): AdamW steps that fold CFG at the teacher's own step
+    # count before the first halving; 0 folds guidance inside round 1 (teacher target guided).
+    fold_iterations: int = 0
+    # Exponential moving average of the student's weights (0: off). The EMA is what each round
+    # writes and what teaches the next round: the raw weights carry the optimizer's noise.
+    ema: float = 0.0
     batch_size: int = 16  # global: split across ranks under torchrun
     lr: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
         n = "DistillArgs"
-        require(self.rounds >= 1, n, "rounds", "must be at least 1")
+        require(self.fold_iterations >= 0, n, "fold_iterations", "must be >= 0")
+        require(self.fold or self.fold_iterations == 0, n, "fold_iterations",
+                "a guidance-folding stage needs fold=True (set fold_iterations to 0 with --no-fold)")
+        require(self.rounds >= 1 or (self.rounds == 0 and self.fold_iterations > 0), n, "rounds",
+                "must be at least 1 (0 only with fold_iterations > 0: the folding stage alone)")
         require(self.start_steps >= 2 and self.start_steps % 2 ** self.rounds == 0, n, "start_steps",
                 f"{self.start_steps} must be a multiple of 2^rounds = {2 ** self.rounds} so that "
                 "every round halves the steps exactly")
@@ -108,10 +121,24 @@ class DistillArgs:
         require(self.iterations >= 1, n, "iterations", "must be at least 1")
         require(self.batch_size >= 1, n, "batch_size", "must be at least 1")
         require(self.lr > 0, n, "lr", "must be positive")
+        require(0.0 <= self.ema < 1.0, n, "ema", "must be in [0, 1): the EMA decay per step, 0 off")
+
+    @property
+    def first_round(self) -> int:
+        """0 when a guidance-folding stage runs before the halvings, else 1."""
+        return 0 if self.fold_iterations else 1
 
     def student_steps(self, round_index: int) -> int:
-        """Sampling steps of the student of round ``round_index`` (1-based)."""
+        """Sampling steps of the student of round ``round_index`` (1-based; round 0, the folding
+        stage, keeps the teacher's steps)."""
         return self.start_steps // 2 ** round_index
+
+    def round_iterations(self, round_index: int) -> int:
+        return self.fold_iterations if round_index == 0 else self.iterations
+
+    def steps_before(self, round_index: int) -> int:
+        """Optimizer steps of all rounds before ``round_index`` (for the global step count)."""
+        return sum(self.round_iterations(k) for k in range(self.first_round, round_index))
 
 
 # --- Algorithm 1 in v-prediction ----------------------------------------------------------------
@@ -192,6 +219,23 @@ def teacher_target(
     return torch.where(last, x_mid, x_tilde)
 
 
+@torch.no_grad()
+def guided_target(
+    teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    z_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    schedule: CosineSchedule,
+    guidance: float,
+) -> torch.Tensor:
+    """The x-space target of guidance folding (Meng et al. 2023 stage one, in v-prediction):
+    x̃ = α z_t − σ ṽ with ṽ = v_u + w (v_c − v_u), the teacher's guided prediction at the same t."""
+    alpha, sigma = grid_alpha_sigma(t, schedule)
+    v = guided_denoiser(teacher, cond, guidance)(z_t, t.to(z_t.dtype))
+    return x0_from_v(z_t, v, _bcast(alpha, z_t), _bcast(sigma, z_t))
+
+
 def distill_loss(
     student: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -206,13 +250,17 @@ def distill_loss(
     fold: bool,
     weighting: str,
     gamma: float,
+    fold_only: bool = False,
 ) -> torch.Tensor:
     """weight(SNR_t) · ‖x̂_θ(z_t) − x̃‖² averaged over the batch (seed 003 Algorithm 1).
 
     z_t = α x0 + σ ε; the student's x̂ = α z_t − σ v̂ from one conditional call. Without ``fold``
     every example is also trained with the null conditioning (and the teacher's unguided target for
-    it), so the student keeps both branches for CFG at sampling time.
+    it), so the student keeps both branches for CFG at sampling time. ``fold_only`` (round 0): the
+    target is the teacher's guided x̂ at the same t (:func:`guided_target`), not two DDIM steps.
     """
+    if fold_only and not fold:
+        raise ValueError("fold_only (the guidance-folding stage) needs fold=True")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}")
     alpha, sigma = grid_alpha_sigma(_grid_index(t, n_steps) / n_steps, schedule)  # t = i / N exactly
@@ -220,8 +268,11 @@ def distill_loss(
     if not fold:
         z, t, cond = torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)])
         alpha, sigma = torch.cat([alpha, alpha]), torch.cat([sigma, sigma])
-    target = teacher_target(teacher, z, t, cond, schedule=schedule, n_steps=n_steps,
-                            guidance=guidance, fold=fold)
+    if fold_only:
+        target = guided_target(teacher, z, t, cond, schedule=schedule, guidance=guidance)
+    else:
+        target = teacher_target(teacher, z, t, cond, schedule=schedule, n_steps=n_steps,
+                                guidance=guidance, fold=fold)
     v = student(z, t, cond)
     x_hat = x0_from_v(z, v, _bcast(alpha, z), _bcast(sigma, z))
     weight = WEIGHTINGS[weighting](alpha**2 / sigma**2, gamma=gamma).to(z.dtype)
@@ -351,7 +402,8 @@ def distill(
     round's student (round 1: from ``teacher``), for ``args.iterations`` AdamW steps, and writes
     ``out_dir/round-<k>-<steps>steps/``: a complete checkpoint with the teacher's VAE,
     ``default_steps`` = the student's steps, ``guidance_folded`` = ``args.fold`` and the round,
-    weighting, γ, iterations and losses in its provenance.
+    weighting, γ, iterations and losses in its provenance. With ``args.fold_iterations`` a round 0
+    comes first: ``round-0-<start_steps>steps/``, the teacher with CFG folded in (same steps).
 
     Resumable: the student, optimizer, RNG, round and step go to ``state_dir/distill_state.pt``
     (default ``<out_dir>-state``) every ``save_every`` steps and at each round's end; a rerun with
@@ -379,6 +431,9 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
     if teacher.config.guidance_folded and not args.fold:
         raise ValueError("the teacher already folds guidance into one call; its student cannot "
                          "unfold it: distill with fold (--fold)")
+    if teacher.config.guidance_folded and args.fold_iterations:
+        raise ValueError("the teacher already folds guidance; drop the folding stage "
+                         "(--fold-iterations 0)")
     guidance = teacher.config.default_guidance if args.guidance is None else float(args.guidance)
     schedule = teacher.config.schedule
     writer = dist.rank == 0
@@ -413,7 +468,7 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
 
     teacher_model = copy.deepcopy(teacher.denoiser).to(dist.device).eval()
     gen = torch.Generator().manual_seed(args.seed)
-    round_index, step, losses, written = 1, 0, [], []
+    round_index, step, losses, written = args.first_round, 0, [], []
     if state is not None:
         round_index, step, losses = state["round"], state["step"], state["losses"]
         written = [Path(p) for p in state["written"]]
@@ -421,18 +476,22 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
         teacher_model.load_state_dict(state["teacher"])
     teacher_model.requires_grad_(False)
 
-    def new_student(weights: dict | None, opt_state: dict | None):
+    def new_student(weights: dict | None, opt_state: dict | None, ema_weights: dict | None):
         student = copy.deepcopy(teacher_model).train().requires_grad_(True)
         if weights is not None:
             student.load_state_dict(weights)
         opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
-        return student, opt
+        # The EMA starts where the student starts (the teacher's weights).
+        ema = copy.deepcopy(teacher_model).eval().requires_grad_(False) if args.ema else None
+        if ema is not None and ema_weights is not None:
+            ema.load_state_dict(ema_weights)
+        return student, opt, ema
 
     if round_index <= args.rounds:
-        student, opt = (new_student(state["model"], state["optimizer"]) if state is not None
-                        else new_student(None, None))
+        student, opt, ema = (new_student(state["model"], state["optimizer"], state.get("ema"))
+                             if state is not None else new_student(None, None, None))
 
     def save(round_k: int, step_k: int) -> None:
         if writer:
@@ -442,15 +501,19 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
                 "teacher": teacher_model.state_dict(),
                 "model": student.state_dict() if round_k <= args.rounds else None,
                 "optimizer": opt.state_dict() if round_k <= args.rounds else None,
+                "ema": ema.state_dict() if ema is not None and round_k <= args.rounds else None,
             }, name=STATE_FILE)
 
     local = slice(dist.rank * args.batch_size // dist.world,
                   (dist.rank + 1) * args.batch_size // dist.world)
     while round_index <= args.rounds:
         n_student = args.student_steps(round_index)
+        n_iterations = args.round_iterations(round_index)
+        fold_only = round_index == 0
         # A teacher that already predicts the guided v (an earlier folded round, or a folded
         # checkpoint given as the teacher) is called once: CFG at w = 1.
-        teacher_folded = teacher.config.guidance_folded or (args.fold and round_index > 1)
+        teacher_folded = teacher.config.guidance_folded or (
+            args.fold and round_index > args.first_round)
         teacher_guidance = guidance if args.fold and not teacher_folded else 1.0
         model = student
         if dist.world > 1:
@@ -458,11 +521,12 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
 
             model = DistributedDataParallel(
                 student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-        bar = progress(args.iterations, step,
-                       f"distill round {round_index}/{args.rounds} ({2 * n_student}→{n_student} steps)",
+        what = (f"fold CFG at {n_student} steps" if fold_only
+                else f"{2 * n_student}→{n_student} steps")
+        bar = progress(n_iterations, step, f"distill round {round_index}/{args.rounds} ({what})",
                        show_progress and writer)
         round_t0 = time.time()
-        while step < args.iterations:
+        while step < n_iterations:
             # Every rank draws the same global batch from the one seeded stream, then keeps its slice.
             idx = torch.randint(0, n_examples, (args.batch_size,), generator=gen)
             i = torch.randint(1, n_student + 1, (args.batch_size,), generator=gen)
@@ -471,17 +535,24 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
             t = (i.to(torch.float64) / n_student).to(torch.float32).to(dist.device)
             loss = distill_loss(model, teacher_model, acc_lat[idx], vocal_lat[idx], t, eps,
                                 schedule=schedule, n_steps=n_student, guidance=teacher_guidance,
-                                fold=args.fold, weighting=args.weighting, gamma=args.gamma)
+                                fold=args.fold, weighting=args.weighting, gamma=args.gamma,
+                                fold_only=fold_only)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, w in zip(ema.parameters(), student.parameters()):
+                        e.lerp_(w, 1.0 - args.ema)
+                    for e, w in zip(ema.buffers(), student.buffers()):
+                        e.copy_(w)
             step += 1
             losses.append(dist.mean(loss))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            global_step = (round_index - 1) * args.iterations + step
-            if step % save_every == 0 or step == args.iterations or global_step == stop_at:
+            global_step = args.steps_before(round_index) + step
+            if step % save_every == 0 or step == n_iterations or global_step == stop_at:
                 save(round_index, step)
             if global_step == stop_at:
                 bar.close()
@@ -491,7 +562,7 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
 
         path = _round_dir(out_dir, round_index, n_student)
         if writer:
-            student_cpu = copy.deepcopy(student).cpu().eval()
+            student_cpu = copy.deepcopy(ema if ema is not None else student).cpu().eval()
             config = dataclasses.replace(
                 teacher.config,
                 name=f"{teacher.config.name}-distilled-{n_student}steps",
@@ -500,18 +571,22 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
                 guidance_folded=args.fold,
                 provenance={
                     "distilled_with": "toolkit distill",
-                    "method": "progressive distillation, seed 003 Algorithm 1 (v-prediction)",
+                    "method": ("guidance distillation, Meng et al. 2023 stage one (v-prediction)"
+                               if fold_only else
+                               "progressive distillation, seed 003 Algorithm 1 (v-prediction)"),
                     "round": round_index, "rounds": args.rounds,
-                    "teacher_steps": 2 * n_student, "student_steps": n_student,
+                    "teacher_steps": n_student if fold_only else 2 * n_student,
+                    "student_steps": n_student,
                     "weighting": args.weighting, "gamma": args.gamma, "guidance": guidance,
-                    "fold": args.fold, "iterations": args.iterations,
+                    "fold": args.fold, "iterations": n_iterations, "ema": args.ema,
                     "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                     "examples": n_examples, "world_size": dist.world,
                     "loss_first_100": float(np.mean(losses[:100])),
                     "loss_last_100": float(np.mean(losses[-100:])),
                     "wall_time_s_last_run": round(time.time() - round_t0, 1),
                     "args": arg_dict,
-                    "teacher_provenance": teacher.config.provenance if round_index == 1 else None,
+                    "teacher_provenance": (teacher.config.provenance
+                                           if round_index == args.first_round else None),
                     **provenance,
                 },
             )
@@ -519,10 +594,10 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
                             overwrite=True)
         written.append(path)
         # The student becomes the next teacher; the next student starts from it with a fresh AdamW.
-        teacher_model.load_state_dict(student.state_dict())
+        teacher_model.load_state_dict((ema if ema is not None else student).state_dict())
         round_index, step, losses = round_index + 1, 0, []
         if round_index <= args.rounds:
-            student, opt = new_student(None, None)
+            student, opt, ema = new_student(None, None, None)
         save(round_index, step)
         dist.barrier()
     if writer and show_progress:
@@ -557,9 +632,15 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
                    help="fold CFG into the student (one denoiser call per step instead of two); "
                         "--no-fold keeps CFG adjustable at sampling time at twice the cost")
     p.add_argument("--iterations", type=int, default=1000, help="optimizer steps per round")
+    p.add_argument("--fold-iterations", type=int, default=0,
+                   help="fold CFG first, as its own round 0 at the teacher's step count (Meng et "
+                        "al. 2023 stage one), for this many steps; 0 folds it inside round 1")
     p.add_argument("--batch-size", type=int, default=16,
                    help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the student's weights per step (e.g. 0.999; 0 = off): each "
+                        "round writes, and teaches the next round with, the averaged weights")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -568,7 +649,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher = load_checkpoint(args.teacher)
     config = DistillArgs(start_steps=args.start_steps, rounds=args.rounds, weighting=args.weighting,
                          gamma=args.gamma, guidance=args.guidance, fold=args.fold,
-                         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                         iterations=args.iterations, fold_iterations=args.fold_iterations,
+                         batch_size=args.batch_size, lr=args.lr, ema=args.ema,
                          seed=args.seed)
     t0 = time.time()
     written = distill(teacher, args.data, args.out, config,
