@@ -63,6 +63,22 @@ def fake_quantize_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
+def fake_palettize_weight(w: torch.Tensor, bits: int, *, iterations: int = 25) -> torch.Tensor:
+    """Every weight replaced by the nearest of 2^bits values fitted by 1-D k-means (Lloyd) over the
+    tensor, initialised at evenly spaced quantiles: what Core ML's kmeans palettization stores
+    (a look-up table per tensor and bits-wide indices)."""
+    flat = w.detach().reshape(-1).double()
+    k = min(2 ** bits, flat.numel())
+    centers = torch.quantile(flat, torch.linspace(0, 1, k, dtype=torch.float64))
+    for _ in range(iterations):
+        assign = torch.bucketize(flat, (centers[1:] + centers[:-1]) / 2)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, flat)
+        counts = torch.bincount(assign, minlength=k).double()
+        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers).sort().values
+    assign = torch.bucketize(flat, (centers[1:] + centers[:-1]) / 2)
+    return centers[assign].reshape(w.shape).to(w.dtype)
+
+
 def fake_quantize_activation(x: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
     """Affine per-tensor fake quantization of ``x`` to ``bits`` over [lo, hi] (which includes 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -174,7 +190,10 @@ def quantized_copy(model: nn.Module, assignment: dict[str, LayerPrecision],
     q = copy.deepcopy(model)
     for name, prec in assignment.items():
         for leaf_name, leaf in resolve_layers(q, [name]).items():
-            if prec.weights in WEIGHT_BITS:
+            if prec.weights in WEIGHT_BITS and prec.granularity == "palette":
+                with torch.no_grad():
+                    leaf.weight.copy_(fake_palettize_weight(leaf.weight, WEIGHT_BITS[prec.weights]))
+            elif prec.weights in WEIGHT_BITS:
                 with torch.no_grad():
                     leaf.weight.copy_(fake_quantize_weight(leaf.weight, WEIGHT_BITS[prec.weights],
                                                            per_channel=prec.granularity == "per_channel"))

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 WEIGHT_DTYPES = ("int4", "int8", "fp16", "fp32")
 ACTIVATION_DTYPES = ("int8", "int16", "fp16", "fp32")
-GRANULARITIES = ("per_channel", "per_tensor")
+# "palette": the weights are 2^bits float values of a k-means look-up table per tensor, stored as
+# bits-wide indices (Core ML palettization, coremltools.optimize). Targets without look-up-table
+# weights apply per_channel linear integers of the same width and say so in the lowering report.
+GRANULARITIES = ("per_channel", "per_tensor", "palette")
 
 
 @dataclass(frozen=True)

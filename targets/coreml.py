@@ -185,7 +185,7 @@ def plan_quantizer(plan: dict):
                 if layer is None or layer.activations != "int8":
                     continue
                 qspecs = {node.args[0]: activation}
-                if layer.weights == "int8":
+                if layer.weights == "int8" and layer.granularity != "palette":
                     qspecs[node.args[1]] = weight_spec(layer, targets[node.target])
                 node.meta["quantization_annotation"] = QuantizationAnnotation(
                     input_qspec_map=qspecs, _annotated=True)
@@ -293,12 +293,14 @@ def _layer_op_names(spec, program, handles: dict[int, str]) -> dict[str, list[st
     return dict(found)
 
 
-def _weight_configs(program, plan: dict, layer_ops: dict[str, list[str]]) -> dict:
-    """op_name_configs for linear_quantize_weights: one per float weight const of an int layer."""
+def _weight_configs(program, plan: dict, layer_ops: dict[str, list[str]]) -> tuple[dict, dict]:
+    """op_name_configs for linear_quantize_weights and for palettize_weights: one per float
+    weight const of an int layer (``palette`` granularity: k-means look-up table per tensor of
+    2^bits entries; int8 and int4 layers of one plan make a mixed-bit palettization)."""
     import coremltools.optimize.coreml as cto
 
     ops = {op.name: op for op in _operations(program)}
-    configs = {}
+    configs, palettes = {}, {}
     for fqn, names in layer_ops.items():
         want = plan[fqn]
         if want.weights not in ("int8", "int4"):
@@ -309,6 +311,11 @@ def _weight_configs(program, plan: dict, layer_ops: dict[str, list[str]]) -> dic
             if weight.op is None or weight.op.op_type != "const":
                 continue  # quantized in PyTorch already (int8 weights of an int8-activation layer)
             input_axis = 0 if op.op_type == "conv_transpose" else 1
+            if want.granularity == "palette":
+                palettes[weight.op.name] = cto.OpPalettizerConfig(
+                    mode="kmeans", nbits=8 if want.weights == "int8" else 4,
+                    granularity="per_tensor", weight_threshold=0)
+                continue
             if want.granularity == "per_tensor":
                 granularity = "per_tensor"
             elif want.weights == "int4" and weight.shape[input_axis] % INT4_BLOCK_SIZE == 0:
@@ -318,7 +325,7 @@ def _weight_configs(program, plan: dict, layer_ops: dict[str, list[str]]) -> dic
             configs[weight.op.name] = cto.OpLinearQuantizerConfig(
                 mode="linear_symmetric", dtype=want.weights, granularity=granularity,
                 block_size=INT4_BLOCK_SIZE, weight_threshold=0)
-    return configs
+    return configs, palettes
 
 
 def load_saved_program(path: Path):
@@ -337,6 +344,7 @@ _INT_WEIGHTS = {"int8": "int8", "uint8": "int8", "int4": "int4", "uint4": "int4"
 
 def layer_facts(op) -> dict:
     """What a MIL conv / conv_transpose / linear op computes with, read from the program."""
+    import numpy as np
     from coremltools.converters.mil.mil import types
 
     x = op.inputs["x"]
@@ -357,6 +365,12 @@ def layer_facts(op) -> dict:
     facts["weight_op"] = storage.op_type
     if storage.op_type == "const":
         facts["weights"] = types.builtin_to_string(weight.dtype)
+    elif storage.op_type == "constexpr_lut_to_dense":  # palettized: indices into a look-up table
+        indices, lut = storage.inputs["indices"], storage.inputs["lut"]
+        facts["weight_dtype"] = types.builtin_to_string(indices.dtype)
+        facts["weights"] = _INT_WEIGHTS.get(facts["weight_dtype"], f"unrecognised {facts['weight_dtype']}")
+        facts["weight_lut"] = int(lut.shape[-2])  # entries per table
+        facts["weight_tables"] = int(np.prod(lut.shape[:-2]))
     elif storage.op_type == "constexpr_blockwise_shift_scale":  # what iOS18 compression writes
         data, scale = storage.inputs["data"], storage.inputs["scale"]
         facts["weight_dtype"] = types.builtin_to_string(data.dtype)
@@ -394,6 +408,8 @@ def _applied(spec, program, plan: dict, layer_ops: dict[str, list[str]]) -> tupl
                          f"in {compute}")
             continue
         granularity = plan[fqn].granularity  # float weights, or one output channel: as asked
+        if "weight_lut" in facts:
+            granularity = "palette" if facts["weight_tables"] == 1 else "per_channel"
         out_axis = 1 if facts["op_type"] == "conv_transpose" else 0
         if "weight_block" in facts and ops[names[0]].inputs["weight"].shape[out_axis] > 1:
             # a scale per output channel, or per block of one (finer still), is per_channel
@@ -527,7 +543,9 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
         import coremltools.optimize.coreml as cto
 
         layer_ops = _layer_op_names(spec, mlmodel._mil_program, handles)
-        configs = _weight_configs(mlmodel._mil_program, plan, layer_ops)
+        configs, palettes = _weight_configs(mlmodel._mil_program, plan, layer_ops)
+        if palettes:
+            mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=palettes))
         if configs:
             mlmodel = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
 
@@ -566,6 +584,9 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
             "int8": "linear_symmetric per output channel",
             "int4": f"linear_symmetric per block of {INT4_BLOCK_SIZE} input channels (per output "
                     f"channel where the input channels are not a multiple of {INT4_BLOCK_SIZE})",
+            "palette": "kmeans look-up table per tensor (coremltools palettize_weights), 2^bits "
+                       "entries: 256 for int8 layers, 16 for int4 (mixed-bit by layer)",
+            "palettized_in_coreml": len(palettes),
             "weight_threshold": 0,
             "compressed_in_coreml": len(configs),
         },

@@ -248,3 +248,44 @@ def test_calibration_inputs_of_the_wrong_shape_are_refused(specs, tmp_path):
         get_target("coreml").export(spec, precision="fp32", plan=plan, calib=[(torch.zeros(1, 4, 8),)],
                                     out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_mixed_bit_palettization_is_written_as_lookup_tables(specs, tmp_path):
+    # int8 and int4 weight-only layers with palette granularity: k-means tables of 256 and 16
+    # entries (coremltools palettize_weights), read back from the saved package.
+    from calibration.fakequant import fake_palettize_weight
+
+    spec = specs["denoiser"]
+    leaves = list(quantizable_leaves(spec.module))
+    plan = {n: LayerPrecision("int4" if i % 2 else "int8", "fp16", "palette") for i, n in enumerate(leaves)}
+    art = get_target("coreml").export(spec, precision="fp32", plan=plan, calib=None, out_dir=tmp_path)
+    lowering = art.details["lowering"]
+    assert lowering["honoured"] == len(plan) and art.details["weight_compression"]["palettized_in_coreml"] > 0
+    assert all(e["applied"]["granularity"] == "palette" for e in lowering["layers"].values())
+    by_name = {op.name: op for op in program_ops(tmp_path / art.path)}
+    for fqn, facts in art.details["layers"].items():
+        storage = by_name[facts["op"]].inputs["weight"].op
+        assert storage.op_type == "constexpr_lut_to_dense", (fqn, storage.op_type)
+        assert storage.inputs["lut"].shape[-2] == (16 if plan[fqn].weights == "int4" else 256), fqn
+    # The package's tables against the plan's simulation: the same k-means, fp16 table entries.
+    replay = art.details["replay"]["sqnr_db"]
+    simulated = quantized_copy(spec.module, plan)
+    with torch.no_grad():
+        sim = sqnr_db(spec.module(*spec.example_inputs).numpy(), simulated(*spec.example_inputs).numpy())
+    assert abs(replay - sim) < MAX_REPLAY_GAP_DB, (replay, sim)
+    w = next(iter(spec.module.parameters())).detach()
+    assert fake_palettize_weight(w, 4).unique().numel() <= 16
+
+
+def test_palette_simulation_has_at_most_2_to_the_bits_values_and_fits_better_with_more():
+    from calibration.fakequant import fake_palettize_weight, fake_quantize_weight
+
+    w = torch.randn(64, 32, 3, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for bits in (4, 8):
+        q = fake_palettize_weight(w, bits)
+        assert q.shape == w.shape and q.unique().numel() <= 2 ** bits
+        err[bits] = float(((q - w) ** 2).mean())
+    assert err[8] < err[4]
+    # k-means on a Gaussian tensor beats a uniform per-tensor grid of the same width.
+    assert err[4] < float(((fake_quantize_weight(w, 4, per_channel=False) - w) ** 2).mean())
