@@ -230,6 +230,8 @@ INT8_ACTIVATIONS_ON_XNNPACK = "per_step"
 # How a W8A16 entry (int8 weights, float activations) lowers: "per_step" (int8 activations per time
 # step, dynamic; XNNPACK has no 16-bit activation kernel) or "float" (fp32, 4× the bytes).
 W8A16_ON_XNNPACK = "per_step"
+# The schemes that run int8 activations per time step (Conv1d rewritten as a Linear).
+STEP_KINDS = ("int8_step", "int4_step")
 
 
 def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
@@ -279,7 +281,7 @@ def quantize_pt2e(spec, plan: dict, calib: list):
 
     module = spec.module.eval()
     kinds = _layer_kinds(module, plan)
-    stepped = [n for n, (k, _) in kinds.items() if k in ("int8_step", "int4_step")
+    stepped = [n for n, (k, _) in kinds.items() if k in STEP_KINDS
                and isinstance(module.get_submodule(n), nn.Conv1d)]
     module = conv1d_as_linear(module, stepped).eval()
     configs = {
@@ -420,7 +422,7 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
         exported = torch.export.export(module, tuple(spec.example_inputs))
     names = json.dumps({"inputs": list(spec.input_names), "outputs": list(spec.output_names)})
     partitioners, passes = [XnnpackPartitioner()], []
-    if lowering is not None and any(k.endswith("_step") for k in lowering["schemes"].values()):
+    if lowering is not None and any(k in STEP_KINDS for k in lowering["schemes"].values()):
         # Dynamically quantized linears first, one delegate each (ExecuTorch's own LLM recipe):
         # merged with their float neighbours they form partitions with dependency cycles around
         # the ops XNNPACK leaves outside ("Invalid partition, found dependency cycles").

@@ -561,8 +561,9 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
         bar.close()
 
         path = _round_dir(out_dir, round_index, n_student)
+        trained = ema if ema is not None else student  # what the round writes and teaches with
         if writer:
-            student_cpu = copy.deepcopy(ema if ema is not None else student).cpu().eval()
+            student_cpu = copy.deepcopy(trained).cpu().eval()
             config = dataclasses.replace(
                 teacher.config,
                 name=f"{teacher.config.name}-distilled-{n_student}steps",
@@ -594,7 +595,7 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
                             overwrite=True)
         written.append(path)
         # The student becomes the next teacher; the next student starts from it with a fresh AdamW.
-        teacher_model.load_state_dict((ema if ema is not None else student).state_dict())
+        teacher_model.load_state_dict(trained.state_dict())
         round_index, step, losses = round_index + 1, 0, []
         if round_index <= args.rounds:
             student, opt, ema = new_student(None, None, None)
