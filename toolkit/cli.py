@@ -53,7 +53,9 @@ def _train_vae(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = train_vae(Path(args.data), Path(args.out), VAETrainArgs(
         preset=args.preset, steps=args.steps, batch_size=args.batch_size,
-        segment_samples=args.segment_samples, lr=args.lr, kl_weight=args.kl_weight, seed=args.seed))
+        segment_samples=args.segment_samples, lr=args.lr, kl_weight=args.kl_weight,
+        waveform_weight=args.waveform_weight, waveform_lowpass_hz=args.waveform_lowpass_hz,
+        seed=args.seed))
     print(f"wrote {out} in {time.time() - t0:.0f} s")
     return 0
 
@@ -110,6 +112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from toolkit.atomic import write_text_atomically
     from toolkit.checkpoint import load_checkpoint
     from toolkit.evaluate import musical_agreement
     from toolkit.models.softalign import SoftAlignUNet
@@ -122,11 +125,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         result = _evaluate_plan_command(args, pipe)
         if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(out)
+            write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "per_track"}, indent=2))
         return 0
     if args.random_denoiser:
@@ -137,9 +136,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = musical_agreement(pipe, Path(args.data), steps=steps, guidance=guidance, seed=args.seed,
                                max_tracks=args.max_tracks)
     result["denoiser"] = "random weights" if args.random_denoiser else "trained"
-    text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "per_track"}, indent=2))
     return 0
 
@@ -234,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--kl-weight", type=float, default=1e-4,
                    help="higher: smoother latents, blurrier reconstructions")
+    s.add_argument("--waveform-weight", type=float, default=50.0,
+                   help="weight of the waveform L1 next to the STFT loss (low: pitch and chords are lost)")
+    s.add_argument("--waveform-lowpass-hz", type=float, default=0.0,
+                   help="apply the waveform L1 below this frequency only (0: full band)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_train_vae)
 

@@ -95,6 +95,20 @@ def mrstft_loss(pred: torch.Tensor, target: torch.Tensor,
     return total / len(ffts)
 
 
+def lowpass(audio: torch.Tensor, sample_rate: int, cutoff_hz: float) -> torch.Tensor:
+    """Zero every FFT bin above ``cutoff_hz`` along the last axis (a brick-wall low-pass)."""
+    spectrum = torch.fft.rfft(audio, dim=-1)
+    keep = torch.fft.rfftfreq(audio.shape[-1], 1.0 / sample_rate) <= cutoff_hz
+    return torch.fft.irfft(spectrum * keep, n=audio.shape[-1], dim=-1)
+
+
+def waveform_l1(pred: torch.Tensor, target: torch.Tensor, sample_rate: int, cutoff_hz: float) -> torch.Tensor:
+    """L1 between waveforms, below ``cutoff_hz`` only when it is positive."""
+    if cutoff_hz > 0:
+        pred, target = lowpass(pred, sample_rate, cutoff_hz), lowpass(target, sample_rate, cutoff_hz)
+    return F.l1_loss(pred, target)
+
+
 @dataclass(frozen=True)
 class VAETrainArgs:
     preset: str = "demo"
@@ -103,12 +117,22 @@ class VAETrainArgs:
     segment_samples: int = 2048
     lr: float = 1e-3
     kl_weight: float = 1e-4
+    # Weight of the waveform L1 term next to the multi-resolution STFT loss. The STFT terms are
+    # phase-blind and their log-magnitude part spends the model on the noise floor; on the demo
+    # VAE at weight 1 the pad (130-520 Hz) came back at 3 % of its energy and the chords were lost
+    # (chord accuracy 0.02 on reconstructions after 1500 steps); at 50 the same run keeps 0.87.
+    waveform_weight: float = 50.0
+    # Band (Hz) the waveform term looks at; 0: all of it. Above it only the STFT terms apply, so
+    # noise (snare, hats, breath) may come back as any noise of the right spectrum instead of the
+    # exact realisation. The demo VAE uses 600 Hz (above the vocal's fundamentals): the denoiser
+    # trained on its latents reached chord accuracy 0.24 against 0.16 with the full band.
+    waveform_lowpass_hz: float = 0.0
     seed: int = 0
 
 
 def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: Path | None = None,
               save_every: int = 200, show_progress: bool = True, stop_at: int | None = None) -> Path | None:
-    """Train an Oobleck VAE (reconstruction: multi-resolution STFT + waveform L1, plus KL).
+    """Train an Oobleck VAE (reconstruction: multi-resolution STFT + weighted waveform L1, plus KL).
 
     Crops of both stems (vocals and accompaniment) are the training audio. Writes ``out_dir`` as a
     component directory (config.json + model.safetensors). ``stop_at`` ends this run after that
@@ -158,7 +182,9 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
             batch.append(clip[:, start:start + args.segment_samples])
         audio = torch.from_numpy(np.stack(batch)).float()
         out = model(audio, generator=gen)
-        rec = mrstft_loss(out.reconstruction, audio) + F.l1_loss(out.reconstruction, audio)
+        rec = (mrstft_loss(out.reconstruction, audio)
+               + args.waveform_weight * waveform_l1(out.reconstruction, audio, config.sample_rate,
+                                                    args.waveform_lowpass_hz))
         loss = rec + args.kl_weight * out.kl
         optimizer_step(model, opt, sched, loss)
         step += 1
