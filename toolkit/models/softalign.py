@@ -86,7 +86,7 @@ class SoftAlignConfig:
 
 SOFTALIGN_PRESETS: dict[str, SoftAlignConfig] = {
     "paper": SoftAlignConfig(),
-    # The demo model trained on this CPU: 16-channel latents of a 512x VAE (4 s at 16 kHz).
+    # The demo model trained on this CPU: 16-channel latents of the 32x demo VAE (2.048 s at 2 kHz).
     "demo": SoftAlignConfig(
         latent_channels=16, latent_length=128, channels=(32, 64, 128), head_dim=32, window=8,
         cross_attn_levels=(1, 2), time_embed_dim=128, groups=16,
