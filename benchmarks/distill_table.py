@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the student weights (0: off)")
+    p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps per round")
+    p.add_argument("--lr-decay", choices=("none", "linear"), default="none",
+                   help="linear: LR falls to 0 at the end of every round")
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--guidance", type=float, default=None, help="default: the teacher's")
     p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True)
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             # Round 0, shared: every weighting's rounds start from the same folded model.
             fold_args = DistillArgs(start_steps=n, rounds=0, fold_iterations=a.fold_iterations,
                                     gamma=a.gamma, guidance=guidance, batch_size=a.batch_size,
-                                    lr=a.lr, ema=a.ema, seed=a.seed)
+                                    lr=a.lr, warmup=a.warmup, lr_decay=a.lr_decay, ema=a.ema,
+                                    seed=a.seed)
             (fold_path,) = distill(teacher, data, work / "students" / "fold", fold_args,
                                    provenance={"command": command, "benchmark": "distill_table"})
             first = load_checkpoint(fold_path)
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         for weighting in weightings:
             args = DistillArgs(start_steps=n, rounds=a.rounds, weighting=weighting, gamma=a.gamma,
                                guidance=guidance, fold=a.fold, iterations=a.iterations,
-                               batch_size=a.batch_size, lr=a.lr, ema=a.ema, seed=a.seed)
+                               batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
+                               lr_decay=a.lr_decay, ema=a.ema, seed=a.seed)
             paths = distill(first, data, work / "students" / weighting, args,
                             provenance={"command": command, "benchmark": "distill_table"})
             for path in paths:
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{guidance}, {'folded' if a.fold else 'not folded'}"
                  f"{f' first, in a round 0 of {a.fold_iterations} iterations' if a.fold_iterations else ''}"
                  f"; {a.rounds} rounds × "
-                 f"{a.iterations} iterations, batch {a.batch_size}, lr {a.lr}, EMA {a.ema}, γ {a.gamma}; "
+                 f"{a.iterations} iterations, batch {a.batch_size}, lr {a.lr} (warm-up {a.warmup}, decay "
+                 f"{a.lr_decay}), EMA {a.ema}, γ {a.gamma}; "
                  f"{len(tracks)} held-out pairs × {len(seeds)} seeds (dataset seed {HELDOUT_SEED}). "
                  f"Teacher {n}-step seed-to-seed spread: {spread_txt}. NFE: denoiser calls per clip "
                  "segment (CFG costs two per step unless folded).")

@@ -63,6 +63,16 @@ def test_distill_args_round_trip_and_validate():
     assert (stage.first_round, stage.student_steps(0), stage.round_iterations(0)) == (0, 16, 7)
     assert [stage.steps_before(k) for k in (0, 1, 2)] == [0, 7, 12]
 
+def test_learning_rate_warms_up_then_decays_linearly_to_zero():
+    args = DistillArgs(lr=1e-4, warmup=4, lr_decay="linear")
+    lrs = [args.lr_at(s, 100) for s in range(100)]
+    assert lrs[:4] == pytest.approx([1e-4 * (s + 1) / 4 * (1 - s / 100) for s in range(4)])
+    assert max(lrs) == pytest.approx(1e-4 * (1 - 3 / 100))  # peak where the warm-up ends
+    assert lrs[99] == pytest.approx(1e-6) and all(b <= a for a, b in zip(lrs[3:], lrs[4:]))
+    assert DistillArgs(lr=1e-4).lr_at(0, 10) == DistillArgs(lr=1e-4).lr_at(9, 10) == 1e-4
+    with pytest.raises(ConfigError, match="lr_decay"):
+        DistillArgs(lr_decay="cosine")
+
 
 # --- the teacher's two DDIM steps, by hand -------------------------------------------------------
 

@@ -45,6 +45,7 @@ STATE_FILE = "distill_state.pt"
 LATENTS_FILE = "latents.pt"
 BSA_GAMMA = 5.0  # seed 003 §3.3: "γ ... is set to 5 empirically"
 GRAD_CLIP = 1.0  # as in toolkit.training
+LR_DECAYS = ("none", "linear")
 
 
 # --- loss weights on the x-space MSE, as functions of SNR = α² / σ² (seed 003 §3.3) ----------------
@@ -102,6 +103,12 @@ class DistillArgs:
     ema: float = 0.0
     batch_size: int = 16  # global: split across ranks under torchrun
     lr: float = 1e-4
+    # Per round: the LR rises linearly over ``warmup`` steps (a fresh AdamW's first updates are
+    # sign-like, ~lr per weight whatever the gradient, and the student starts at a loss near 0, so
+    # full-size first steps only add noise to the teacher's weights), then stays at ``lr``
+    # (``lr_decay="none"``) or falls linearly to 0 at the round's end (``"linear"``).
+    warmup: int = 0
+    lr_decay: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +128,9 @@ class DistillArgs:
         require(self.iterations >= 1, n, "iterations", "must be at least 1")
         require(self.batch_size >= 1, n, "batch_size", "must be at least 1")
         require(self.lr > 0, n, "lr", "must be positive")
+        require(self.warmup >= 0, n, "warmup", "must be >= 0")
+        require(self.lr_decay in LR_DECAYS, n, "lr_decay",
+                f"{self.lr_decay!r} is not one of {list(LR_DECAYS)}")
         require(0.0 <= self.ema < 1.0, n, "ema", "must be in [0, 1): the EMA decay per step, 0 off")
 
     @property
@@ -135,6 +145,13 @@ class DistillArgs:
 
     def round_iterations(self, round_index: int) -> int:
         return self.fold_iterations if round_index == 0 else self.iterations
+
+    def lr_at(self, step: int, n_iterations: int) -> float:
+        """The learning rate of the round's optimizer step ``step`` (0-based) of ``n_iterations``."""
+        factor = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.lr_decay == "linear":
+            factor *= 1.0 - step / n_iterations
+        return self.lr * factor
 
     def steps_before(self, round_index: int) -> int:
         """Optimizer steps of all rounds before ``round_index`` (for the global step count)."""
@@ -480,7 +497,8 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
         student = copy.deepcopy(teacher_model).train().requires_grad_(True)
         if weights is not None:
             student.load_state_dict(weights)
-        opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
+        # No weight decay: it would pull the student away from the teacher it starts as.
+        opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
         # The EMA starts where the student starts (the teacher's weights).
@@ -540,6 +558,8 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+            for group in opt.param_groups:  # a function of the step alone, so resume needs no state
+                group["lr"] = args.lr_at(step, n_iterations)
             opt.step()
             if ema is not None:
                 with torch.no_grad():
@@ -580,7 +600,8 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
                     "student_steps": n_student,
                     "weighting": args.weighting, "gamma": args.gamma, "guidance": guidance,
                     "fold": args.fold, "iterations": n_iterations, "ema": args.ema,
-                    "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                    "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
+                    "lr_decay": args.lr_decay, "seed": args.seed,
                     "examples": n_examples, "world_size": dist.world,
                     "loss_first_100": float(np.mean(losses[:100])),
                     "loss_last_100": float(np.mean(losses[-100:])),
@@ -639,6 +660,10 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="steps of linear LR warm-up at the start of every round")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default="none",
+                   help="linear: the LR falls to 0 at the end of every round")
     p.add_argument("--ema", type=float, default=0.0,
                    help="EMA decay of the student's weights per step (e.g. 0.999; 0 = off): each "
                         "round writes, and teaches the next round with, the averaged weights")
@@ -651,8 +676,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config = DistillArgs(start_steps=args.start_steps, rounds=args.rounds, weighting=args.weighting,
                          gamma=args.gamma, guidance=args.guidance, fold=args.fold,
                          iterations=args.iterations, fold_iterations=args.fold_iterations,
-                         batch_size=args.batch_size, lr=args.lr, ema=args.ema,
-                         seed=args.seed)
+                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         lr_decay=args.lr_decay, ema=args.ema, seed=args.seed)
     t0 = time.time()
     written = distill(teacher, args.data, args.out, config,
                       provenance={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])})
