@@ -34,11 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 from calibration.precision import PRECISIONS, LayerPrecision
+from toolkit.atomic import write_text_atomically
 
 FORMAT_VERSION = 1
 SNR_CAP_DB = 100.0  # a layer whose quantization leaves ≥ this latent SNR counts as lossless
@@ -353,11 +353,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     plan = make_plan(args.preset, sizes, fp32_bytes, budget=parse_budget(args.budget), sensitivity=sensitivity,
                      sensitivity_source=args.sensitivity, model=pipe.config.name, min_snr_db=args.min_snr_db,
                      vae_decoder_layers=decoder_layers)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, out)
+    out = write_text_atomically(Path(args.out), json.dumps(plan, indent=1) + "\n")
     print(json.dumps({"out": str(out), "default": plan["default"], "overrides": len(plan["overrides"]),
                       "budget": plan["budget"], "moves": len(plan["search"]["moves"]),
                       "predicted_latent_snr_db": plan["search"]["predicted_latent_snr_db"]}, indent=2))

@@ -28,6 +28,7 @@ from calibration.fakequant import activation_ranges, quantizable_leaves, quantiz
 from calibration.precision import PRECISIONS
 from calibration.sampling import load_calibration_set
 from runtime_py.metrics import log_mel_l1, snr_db
+from toolkit.atomic import write_text_atomically
 from toolkit.checkpoint import Pipeline
 from toolkit.generate import decode_latent, sample_latent
 
@@ -37,9 +38,7 @@ DEFAULT_EVAL_EXAMPLES = 4
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def layer_sizes(denoiser: torch.nn.Module) -> tuple[dict[str, dict[str, int]], int]:
