@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the student weights (0: off)")
-    p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps per round")
-    p.add_argument("--lr-decay", choices=("none", "linear"), default="none",
+    p.add_argument("--warmup", type=int, default=200, help="LR warm-up steps per round")
+    p.add_argument("--lr-decay", choices=("none", "linear"), default="linear",
                    help="linear: LR falls to 0 at the end of every round")
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--guidance", type=float, default=None, help="default: the teacher's")

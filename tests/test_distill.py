@@ -69,7 +69,9 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero():
     assert lrs[:4] == pytest.approx([1e-4 * (s + 1) / 4 * (1 - s / 100) for s in range(4)])
     assert max(lrs) == pytest.approx(1e-4 * (1 - 3 / 100))  # peak where the warm-up ends
     assert lrs[99] == pytest.approx(1e-6) and all(b <= a for a, b in zip(lrs[3:], lrs[4:]))
-    assert DistillArgs(lr=1e-4).lr_at(0, 10) == DistillArgs(lr=1e-4).lr_at(9, 10) == 1e-4
+    constant = DistillArgs(lr=1e-4, warmup=0, lr_decay="none")
+    assert constant.lr_at(0, 10) == constant.lr_at(9, 10) == 1e-4
+    assert (DistillArgs().warmup, DistillArgs().lr_decay) == (200, "linear")
     with pytest.raises(ConfigError, match="lr_decay"):
         DistillArgs(lr_decay="cosine")
 

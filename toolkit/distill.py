@@ -107,8 +107,8 @@ class DistillArgs:
     # sign-like, ~lr per weight whatever the gradient, and the student starts at a loss near 0, so
     # full-size first steps only add noise to the teacher's weights), then stays at ``lr``
     # (``lr_decay="none"``) or falls linearly to 0 at the round's end (``"linear"``).
-    warmup: int = 0
-    lr_decay: str = "none"
+    warmup: int = 200
+    lr_decay: str = "linear"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -660,9 +660,9 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help="global batch (split across torchrun processes)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=0,
+    p.add_argument("--warmup", type=int, default=200,
                    help="steps of linear LR warm-up at the start of every round")
-    p.add_argument("--lr-decay", choices=LR_DECAYS, default="none",
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default="linear",
                    help="linear: the LR falls to 0 at the end of every round")
     p.add_argument("--ema", type=float, default=0.0,
                    help="EMA decay of the student's weights per step (e.g. 0.999; 0 = off): each "
