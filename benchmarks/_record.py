@@ -20,6 +20,11 @@ def machine() -> str:
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How to rerun a benchmark from the repository root: ``python benchmarks/<script> <args>``."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def append_section(title: str, *, command: str, wall_s: float, notes: str, table: str,
                    path: Path = BENCHMARKS_MD) -> None:
     """Append ``## title (date)`` with the command, wall time, machine, notes and table (never overwrite)."""

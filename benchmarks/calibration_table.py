@@ -51,7 +51,7 @@ from calibration.precision import PRECISIONS  # noqa: E402
 from calibration.quality import log_mel_frechet  # noqa: E402
 from calibration.sampling import STRATEGIES, calibrate, load_calibration_set, load_vocal_clips  # noqa: E402
 from runtime_py.metrics import DISTANCES, paired_audio_metrics, relative_to_spread, snr_db  # noqa: E402
-from benchmarks._record import append_section  # noqa: E402
+from benchmarks._record import append_section, command_line  # noqa: E402
 from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint  # noqa: E402
 
 from toolkit.data.synth import (MIN_SAMPLE_RATE, MIN_SECONDS, synth_pair_at_rate, track_seed,  # noqa: E402
@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="tiny random model, temp dir, tiny sizes: checks the path, measures nothing")
     a = p.parse_args(argv)
-    script = Path(sys.argv[0]).resolve()
-    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
-    command = " ".join(["python", str(shown), *sys.argv[1:]])
+    command = command_line(__file__)
     strategies = [s for s in a.strategies.split(",") if s]
     precisions = [s for s in a.precisions.split(",") if s]
     if sorted(set(strategies) - set(STRATEGIES)):

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runtime_py.metrics import DISTANCES, log_mel, paired_audio_metrics, relative_to_spread  # noqa: E402
-from benchmarks._record import append_section  # noqa: E402
+from benchmarks._record import append_section, command_line  # noqa: E402
 from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from toolkit.data.music import chord_agreement  # noqa: E402
 from toolkit.data.stems import list_tracks, load_track  # noqa: E402
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="tiny random model, 2 iterations, N=8: checks the path, measures nothing")
     a = p.parse_args(argv)
-    command = "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
+    command = command_line(__file__)
     weightings = [w for w in a.weightings.split(",") if w]
     unknown = sorted(set(weightings) - set(WEIGHTINGS))
     if unknown:

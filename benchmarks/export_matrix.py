@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._record import append_section  # noqa: E402
+from benchmarks._record import append_section, command_line  # noqa: E402
 from toolkit.checkpoint import load_checkpoint  # noqa: E402
 from toolkit.matrix import run_matrix  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if a.append:
         append_section("Full-precision device matrix (toolkit run's export + verify)",
-                       command="python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
+                       command=command_line(__file__),
                        wall_s=wall, notes=notes, table=table)
     return 0
 

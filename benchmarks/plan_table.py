@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._record import append_section  # noqa: E402
+from benchmarks._record import append_section, command_line  # noqa: E402
 from calibration.evaluate_plan import evaluate_plan  # noqa: E402
 from calibration.fakequant import quantizable_leaves  # noqa: E402
 from calibration.plan import make_plan  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     if not args.no_record:
         append_section(
             "Mixed-precision plans on the demo, evaluated end to end",
-            command="python benchmarks/plan_table.py " + " ".join(sys.argv[1:]), wall_s=time.time() - t0,
+            command=command_line(__file__), wall_s=time.time() - t0,
             notes=(f"Fake-quantized denoiser and VAE decoder (encoder float), {args.tracks} held-out synthetic "
                    f"pairs, {args.steps} DDIM steps, guidance {pipe.config.default_guidance}, activation ranges "
                    f"from `{args.calib.name}`; sensitivity table `{args.sensitivity}` (one layer at a time, "

@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._record import append_section  # noqa: E402
+from benchmarks._record import append_section, command_line  # noqa: E402
 
 COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(argv: list[str]) -> str:
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return env + "python " + " ".join([f"benchmarks/{Path(__file__).name}", *argv])
+    return env + command_line(__file__, argv)
 
 
 def _write(path: Path, text: str) -> None:
