@@ -24,16 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._record import append_section  # noqa: E402
+from benchmarks._record import append_section, command_line  # noqa: E402
 from toolkit.checkpoint import Pipeline, load_checkpoint  # noqa: E402
-from toolkit.data.music import chord_agreement, tempo_agreement  # noqa: E402
-from toolkit.data.stems import list_tracks, load_track  # noqa: E402
-from toolkit.evaluate import musical_agreement  # noqa: E402
+from toolkit.data.stems import list_tracks  # noqa: E402
+from toolkit.evaluate import AGREEMENT_FIELDS, musical_agreement, score_tracks  # noqa: E402
 from toolkit.generate import decode_latent, encode_audio  # noqa: E402
 from toolkit.models.softalign import SoftAlignUNet  # noqa: E402
-
-FIELDS = ("chord_accuracy", "chord_cosine", "key_correct_or_relative", "tempo_match")
-
 
 @torch.no_grad()
 def through_vae(pipe: Pipeline, audio: np.ndarray) -> np.ndarray:
@@ -44,19 +40,6 @@ def through_vae(pipe: Pipeline, audio: np.ndarray) -> np.ndarray:
     x = torch.nn.functional.pad(x, (0, (-n) % seg))
     out = [decode_latent(pipe, encode_audio(pipe, x[..., s:s + seg])) for s in range(0, x.shape[-1], seg)]
     return torch.cat(out, -1)[0, :, :n].numpy()
-
-
-def score_audio(pipe: Pipeline, data: Path, render, max_tracks: int | None) -> dict:
-    """Mean agreement of ``render(track)`` audio over the labelled tracks of ``data``."""
-    rows = []
-    for path in list_tracks(data)[:max_tracks]:
-        track = load_track(path, sample_rate=pipe.sample_rate, channels=pipe.audio_channels)
-        audio = render(track)
-        chords = chord_agreement(audio, pipe.sample_rate, track.labels)
-        rows.append({"chord_accuracy": chords["chord_accuracy"], "chord_cosine": chords["chord_cosine"],
-                     "key_correct_or_relative": chords["key_correct_or_relative"],
-                     "tempo_match": tempo_agreement(audio, pipe.sample_rate, track.labels)["tempo_match"]})
-    return {k: float(np.mean([r[k] for r in rows if r[k] is not None])) for k in FIELDS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in (("trained", pipe), ("random weights (same VAE)", random)):
         results[name] = musical_agreement(model, a.data, steps=a.steps, guidance=a.guidance, seed=a.seed,
                                           max_tracks=a.max_tracks)
-    results["true accompaniment through the VAE"] = score_audio(
-        pipe, a.data, lambda t: through_vae(pipe, t.accompaniment), a.max_tracks)
-    results["the vocal alone"] = score_audio(pipe, a.data, lambda t: t.vocals, a.max_tracks)
+    results["true accompaniment through the VAE"] = score_tracks(
+        pipe, a.data, lambda t: through_vae(pipe, t.accompaniment), max_tracks=a.max_tracks)
+    results["the vocal alone"] = score_tracks(pipe, a.data, lambda t: t.vocals, max_tracks=a.max_tracks)
     wall = time.time() - t0
 
     lines = ["| audio scored | chord accuracy ↑ (chance 0.042) | chord cosine ↑ | key or relative ↑ "
              "| tempo match ↑ |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in FIELDS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in AGREEMENT_FIELDS) + " |")
     table = "\n".join(lines)
     n_tracks = len(list_tracks(a.data)[:a.max_tracks])
     train = pipe.config.provenance.get("command", "?")
@@ -98,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if a.append:
         append_section("Demo model: musical agreement with held-out labels",
-                       command="python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
+                       command=command_line(__file__),
                        wall_s=wall, notes=notes, table=table)
     return 0
 

@@ -8,14 +8,45 @@ same architecture and random weights gives the "no learning" figure in the same 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.checkpoint import Pipeline
 from toolkit.data.music import chord_agreement, tempo_agreement
-from toolkit.data.stems import list_tracks, load_track
+from toolkit.data.stems import Track, list_tracks, load_track
 from toolkit.generate import generate_accompaniment
+
+AGREEMENT_FIELDS = ("chord_accuracy", "chord_cosine", "key_correct_or_relative", "tempo_match")
+
+
+def score_tracks(pipeline: Pipeline, data_dir: Path, render: Callable[[Track], np.ndarray], *,
+                 max_tracks: int | None = None, show_progress: bool = True) -> dict:
+    """Chord accuracy / cosine, key and tempo agreement of ``render(track)`` with each labelled
+    track of ``data_dir`` (loaded at the pipeline's rate): the means, and ``per_track`` rows."""
+    from tqdm import tqdm
+
+    rows = []
+    for path in tqdm(list_tracks(data_dir)[:max_tracks], desc="evaluate", disable=not show_progress,
+                     file=sys.stderr):
+        track = load_track(path, sample_rate=pipeline.sample_rate, channels=pipeline.audio_channels)
+        if track.labels is None or "chords" not in track.labels:
+            raise ValueError(f"{path}: no labels.json with chords; evaluate needs labelled "
+                             "synthetic pairs (toolkit data synth)")
+        audio = render(track)
+        chords = chord_agreement(audio, pipeline.sample_rate, track.labels)
+        tempo = tempo_agreement(audio, pipeline.sample_rate, track.labels)
+        rows.append({"track": track.name, "chord_accuracy": chords["chord_accuracy"],
+                     "chord_cosine": chords["chord_cosine"],
+                     "key_correct_or_relative": chords["key_correct_or_relative"],
+                     "tempo_match": tempo["tempo_match"]})
+
+    def mean(key):
+        vals = [r[key] for r in rows if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {"tracks": len(rows), **{k: mean(k) for k in AGREEMENT_FIELDS}, "per_track": rows}
 
 
 def musical_agreement(
@@ -28,32 +59,12 @@ def musical_agreement(
     max_tracks: int | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Mean chord accuracy / cosine, key and tempo agreement over labelled tracks of ``data_dir``."""
-    from tqdm import tqdm
-
-    tracks = list_tracks(data_dir)[:max_tracks]
-    rows = []
-    for path in tqdm(tracks, desc="evaluate", disable=not show_progress, file=sys.stderr):
-        track = load_track(path, sample_rate=pipeline.sample_rate, channels=pipeline.audio_channels)
-        if track.labels is None or "chords" not in track.labels:
-            raise ValueError(f"{path}: no labels.json with chords; evaluate needs labelled "
-                             "synthetic pairs (toolkit data synth)")
-        acc = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed)
-        chords = chord_agreement(acc, pipeline.sample_rate, track.labels)
-        tempo = tempo_agreement(acc, pipeline.sample_rate, track.labels)
-        rows.append({"track": track.name, "chord_accuracy": chords["chord_accuracy"],
-                     "chord_cosine": chords["chord_cosine"],
-                     "key_correct_or_relative": chords["key_correct_or_relative"],
-                     "tempo_match": tempo["tempo_match"]})
-
-    def mean(key):
-        vals = [r[key] for r in rows if r[key] is not None]
-        return float(np.mean(vals)) if vals else None
-
-    return {
-        "tracks": len(rows), "steps": steps, "guidance": guidance, "seed": seed,
-        "chord_accuracy": mean("chord_accuracy"), "chord_cosine": mean("chord_cosine"),
-        "key_correct_or_relative": mean("key_correct_or_relative"),
-        "tempo_match": mean("tempo_match"), "chance_chord_accuracy": 1 / 24,
-        "per_track": rows,
-    }
+    """Mean chord accuracy / cosine, key and tempo agreement of the accompaniment generated from
+    each labelled track's vocal in ``data_dir``."""
+    result = score_tracks(
+        pipeline, data_dir,
+        lambda track: generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed),
+        max_tracks=max_tracks, show_progress=show_progress)
+    return {"tracks": result["tracks"], "steps": steps, "guidance": guidance, "seed": seed,
+            **{k: result[k] for k in AGREEMENT_FIELDS}, "chance_chord_accuracy": 1 / 24,
+            "per_track": result["per_track"]}
