@@ -31,6 +31,21 @@ def test_waveform_l1_below_a_cutoff_ignores_what_lies_above_it():
     assert float(waveform_l1(-low.reshape(1, 1, -1), target, sr, 600.0)) > 0.5  # a wrong phase below it
 
 
+def test_waveform_l1_in_a_band_ignores_both_sides_of_it():
+    sr, t = 2000, torch.arange(2000, dtype=torch.float64) / 2000
+    kick, pad, hat = (torch.sin(2 * torch.pi * f * t) for f in (60, 300, 900))
+    target = (kick + pad + hat).reshape(1, 1, -1)
+    # A reconstruction with the kick's phase flipped and no hat: free outside 127-600 Hz ...
+    flipped = (-kick + pad).reshape(1, 1, -1)
+    assert float(waveform_l1(flipped, target, sr, 600.0, highpass_hz=127.0)) < 1e-4
+    assert float(waveform_l1(flipped, target, sr, 600.0)) > 0.5  # the low-pass alone sees the kick
+    # ... but not inside it, with or without an upper edge.
+    wrong_pad = (kick - pad + hat).reshape(1, 1, -1)
+    assert float(waveform_l1(wrong_pad, target, sr, 600.0, highpass_hz=127.0)) > 0.5
+    assert float(waveform_l1(wrong_pad, target, sr, 0.0, highpass_hz=127.0)) > 0.5
+    assert float(waveform_l1(flipped, target, sr, 0.0, highpass_hz=127.0)) > 0.5  # the hat, above
+
+
 def test_v_loss_decreases_on_tiny_model():
     torch.manual_seed(0)
     model = SoftAlignUNet(SOFTALIGN_PRESETS["tiny"])
