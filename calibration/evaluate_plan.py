@@ -140,7 +140,7 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
 
     from calibration.quality import log_mel_frechet
     from runtime_py import metrics
-    from toolkit.data.music import chord_agreement, tempo_agreement
+    from toolkit.data.music import AGREEMENT_FIELDS, agreement
     from toolkit.data.stems import list_tracks, load_track
     from toolkit.generate import generate_accompaniment
 
@@ -170,10 +170,7 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
         truth.append(track.accompaniment)
         if track.labels and "chords" in track.labels:
             for key, audio in (("fp32", ref), ("quantized", test)):
-                c = chord_agreement(audio, sr, track.labels)
-                music[key].append({"chord_accuracy": c["chord_accuracy"], "chord_cosine": c["chord_cosine"],
-                                   "key_correct_or_relative": c["key_correct_or_relative"],
-                                   "tempo_match": tempo_agreement(audio, sr, track.labels)["tempo_match"]})
+                music[key].append(agreement(audio, sr, track.labels))
 
     def mean(items, key):
         vals = [r[key] for r in items if r.get(key) is not None]
@@ -192,8 +189,7 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
         "calibration_set": str(calib_dir) if calib_dir is not None else None,
         "paired": paired, "relative_to_spread": relative,
         "frechet_log_mel": {"fp32_to_truth": fd_fp32, "quantized_to_truth": fd_q, "change": fd_q - fd_fp32},
-        "musical_agreement": {k: {m: mean(v, m) for m in ("chord_accuracy", "chord_cosine",
-                                                          "key_correct_or_relative", "tempo_match")}
+        "musical_agreement": {k: {m: mean(v, m) for m in AGREEMENT_FIELDS}
                               for k, v in music.items()} if music["fp32"] else None,
         "size": plan_bytes(pipeline, plan),
         "per_track": rows,

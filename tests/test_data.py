@@ -279,6 +279,17 @@ def test_chord_agreement_separates_true_from_noise_and_wrong_key(pairs):
     assert np.mean(wrong) < 0.25
 
 
+def test_beat_alignment_needs_onsets_on_the_beats(pairs):
+    rng = np.random.default_rng(0)
+    for _, accompaniment, labels in pairs:
+        assert music.beat_alignment(accompaniment, SR, labels) > 3.0
+        assert 0.5 < music.beat_alignment(rng.standard_normal(accompaniment.shape), SR, labels) < 1.5
+        # The right tempo at the wrong phase: the same audio a quarter of a beat late.
+        shift = int(round(60.0 / labels["tempo_bpm"] / 4 * SR))
+        late = np.concatenate([np.zeros_like(accompaniment[..., :shift]), accompaniment[..., :-shift]], axis=-1)
+        assert music.beat_alignment(late, SR, labels) < 1.0
+
+
 def test_tempo_agreement_on_accompaniment(pairs):
     for _, accompaniment, labels in pairs:
         result = music.tempo_agreement(accompaniment, SR, labels)

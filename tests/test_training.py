@@ -46,6 +46,16 @@ def test_waveform_l1_in_a_band_ignores_both_sides_of_it():
     assert float(waveform_l1(flipped, target, sr, 0.0, highpass_hz=127.0)) > 0.5  # the hat, above
 
 
+def test_waveform_l1_weights_each_example():
+    sr, t = 2000, torch.arange(2000, dtype=torch.float64) / 2000
+    x = torch.sin(2 * torch.pi * 300 * t).reshape(1, 1, -1)
+    target, pred = torch.cat([x, x]), torch.cat([-x, x])  # the first example is wrong, the second right
+    wrong = float(waveform_l1(pred, target, sr, 0.0))
+    assert wrong > 0.5
+    assert float(waveform_l1(pred, target, sr, 0.0, weights=torch.tensor([0.0, 1.0]))) == 0.0
+    assert float(waveform_l1(pred, target, sr, 0.0, weights=torch.tensor([2.0, 0.0]))) == pytest.approx(2 * wrong)
+
+
 def test_v_loss_decreases_on_tiny_model():
     torch.manual_seed(0)
     model = SoftAlignUNet(SOFTALIGN_PRESETS["tiny"])

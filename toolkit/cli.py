@@ -55,7 +55,7 @@ def _train_vae(args: argparse.Namespace) -> int:
         preset=args.preset, steps=args.steps, batch_size=args.batch_size,
         segment_samples=args.segment_samples, lr=args.lr, kl_weight=args.kl_weight,
         waveform_weight=args.waveform_weight, waveform_lowpass_hz=args.waveform_lowpass_hz,
-        waveform_highpass_hz=args.waveform_highpass_hz,
+        waveform_highpass_hz=args.waveform_highpass_hz, vocal_waveform_weight=args.vocal_waveform_weight,
         seed=args.seed))
     print(f"wrote {out} in {time.time() - t0:.0f} s")
     return 0
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the waveform L1 below this frequency only (0: full band)")
     s.add_argument("--waveform-highpass-hz", type=float, default=0.0,
                    help="apply the waveform L1 above this frequency only (0: no lower edge)")
+    s.add_argument("--vocal-waveform-weight", type=float, default=None,
+                   help="waveform L1 weight on vocal crops (default: --waveform-weight); the vocal is "
+                        "only encoded, so 0 lets its latent drop the phase and keep the note onsets")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_train_vae)
 

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.checkpoint import Pipeline
-from toolkit.data.music import chord_agreement, tempo_agreement
+from toolkit.data.music import AGREEMENT_FIELDS, agreement
 from toolkit.data.stems import Track, list_tracks, load_track
 from toolkit.generate import generate_accompaniment
 
-AGREEMENT_FIELDS = ("chord_accuracy", "chord_cosine", "key_correct_or_relative", "tempo_match")
+__all__ = ["AGREEMENT_FIELDS", "musical_agreement", "score_tracks"]
 
 
 def score_tracks(pipeline: Pipeline, data_dir: Path, render: Callable[[Track], np.ndarray], *,
                  max_tracks: int | None = None, show_progress: bool = True) -> dict:
-    """Chord accuracy / cosine, key and tempo agreement of ``render(track)`` with each labelled
+    """Chord accuracy / cosine, key, tempo and beat agreement of ``render(track)`` with each labelled
     track of ``data_dir`` (loaded at the pipeline's rate): the means, and ``per_track`` rows."""
     from tqdm import tqdm
 
@@ -34,13 +34,8 @@ def score_tracks(pipeline: Pipeline, data_dir: Path, render: Callable[[Track], n
         if track.labels is None or "chords" not in track.labels:
             raise ValueError(f"{path}: no labels.json with chords; evaluate needs labelled "
                              "synthetic pairs (toolkit data synth)")
-        audio = render(track)
-        chords = chord_agreement(audio, pipeline.sample_rate, track.labels)
-        tempo = tempo_agreement(audio, pipeline.sample_rate, track.labels)
-        rows.append({"track": track.name, "chord_accuracy": chords["chord_accuracy"],
-                     "chord_cosine": chords["chord_cosine"],
-                     "key_correct_or_relative": chords["key_correct_or_relative"],
-                     "tempo_match": tempo["tempo_match"]})
+        rows.append({"track": track.name,
+                     **agreement(render(track), pipeline.sample_rate, track.labels)})
 
     def mean(key):
         vals = [r[key] for r in rows if r[key] is not None]

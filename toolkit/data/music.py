@@ -26,6 +26,7 @@ CHORD_CHANCE_ACCURACY = 1.0 / 24.0
 TEMPO_TOLERANCE = 0.04  # relative
 ONSET_HOP_S = 0.01
 ONSET_WINDOW_S = 0.046
+BEAT_WINDOW_S = 0.03  # beat_alignment: onset frames within this of a labelled beat count as "on"
 TEMPO_PRIOR_BPM = 120.0  # centre of a log-normal prior (one octave wide) on the beat period
 _FRAME_CHUNK = 256  # STFT frames processed at a time, bounds memory on long audio
 
@@ -277,3 +278,35 @@ def tempo_agreement(
         "tempo_match": bool(errors[factor] <= tolerance),
         "tempo_match_exact_octave": bool(errors[1.0] <= tolerance),
     }
+
+
+def beat_alignment(audio: np.ndarray, sample_rate: int, labels: dict[str, Any], *,
+                   window_s: float = BEAT_WINDOW_S) -> float:
+    """Mean onset strength within ``window_s`` of the labelled beats over the mean elsewhere.
+
+    1 means onsets bear no relation to the beat; the synthetic accompaniment (a drum hit and a bass
+    note on every beat) scores far above it. Unlike the tempo match it also needs the right phase:
+    onsets at the right tempo but between the beats score below 1.
+    """
+    env, frame_rate = onset_strength(audio, sample_rate)
+    on = np.zeros(env.size, dtype=bool)
+    reach = int(round(window_s * frame_rate))
+    for beat_s in labels["beat_times_s"]:
+        i = int(round(beat_s * frame_rate))
+        on[max(0, i - reach):min(env.size, i + reach + 1)] = True
+    if on.all() or not on.any():
+        raise ValueError("beat_alignment needs frames both near and away from the labelled beats")
+    return float(env[on].mean() / max(float(env[~on].mean()), 1e-12))
+
+
+AGREEMENT_FIELDS = ("chord_accuracy", "chord_cosine", "key_correct_or_relative", "tempo_match",
+                    "beat_alignment")
+
+
+def agreement(audio: np.ndarray, sample_rate: int, labels: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`AGREEMENT_FIELDS` of ``audio`` against a synthetic track's ``labels``."""
+    chords = chord_agreement(audio, sample_rate, labels)
+    return {"chord_accuracy": chords["chord_accuracy"], "chord_cosine": chords["chord_cosine"],
+            "key_correct_or_relative": chords["key_correct_or_relative"],
+            "tempo_match": tempo_agreement(audio, sample_rate, labels)["tempo_match"],
+            "beat_alignment": beat_alignment(audio, sample_rate, labels)}
