@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ def machine() -> str:
 
 def command_line(script: str, argv: list[str] | None = None) -> str:
     """How to rerun a benchmark from the repository root: ``python benchmarks/<script> <args>``."""
-    return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *args])
 
 
 def append_section(title: str, *, command: str, wall_s: float, notes: str, table: str,

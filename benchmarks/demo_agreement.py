@@ -18,29 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._record import append_section, command_line  # noqa: E402
-from toolkit.checkpoint import Pipeline, load_checkpoint  # noqa: E402
+from toolkit.checkpoint import load_checkpoint  # noqa: E402
 from toolkit.data.stems import list_tracks  # noqa: E402
-from toolkit.evaluate import AGREEMENT_FIELDS, musical_agreement, score_tracks  # noqa: E402
-from toolkit.generate import decode_latent, encode_audio  # noqa: E402
+from toolkit.evaluate import AGREEMENT_FIELDS, musical_agreement, reconstruct, score_tracks  # noqa: E402
 from toolkit.models.softalign import SoftAlignUNet  # noqa: E402
-
-@torch.no_grad()
-def through_vae(pipe: Pipeline, audio: np.ndarray) -> np.ndarray:
-    """Encode and decode ``audio`` (C, N) segment by segment, as generation does; (C, N) back."""
-    seg = pipe.segment_samples
-    x = torch.as_tensor(audio, dtype=torch.float32).reshape(1, pipe.audio_channels, -1)
-    n = x.shape[-1]
-    x = torch.nn.functional.pad(x, (0, (-n) % seg))
-    out = [decode_latent(pipe, encode_audio(pipe, x[..., s:s + seg])) for s in range(0, x.shape[-1], seg)]
-    return torch.cat(out, -1)[0, :, :n].numpy()
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -61,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = musical_agreement(model, a.data, steps=a.steps, guidance=a.guidance, seed=a.seed,
                                           max_tracks=a.max_tracks)
     results["true accompaniment through the VAE"] = score_tracks(
-        pipe, a.data, lambda t: through_vae(pipe, t.accompaniment), max_tracks=a.max_tracks)
+        pipe, a.data, lambda t: reconstruct(pipe.vae, t.accompaniment, pipe.segment_samples), max_tracks=a.max_tracks)
     results["the vocal alone"] = score_tracks(pipe, a.data, lambda t: t.vocals, max_tracks=a.max_tracks)
     wall = time.time() - t0
 

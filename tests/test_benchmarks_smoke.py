@@ -5,6 +5,8 @@ The full benchmark (exports, every runtime) runs on purpose from benchmarks/, no
 
 from __future__ import annotations
 
+import math
+
 from benchmarks.quantized_latency import VARIANTS, build_table, format_profile, run_job
 
 
@@ -43,3 +45,29 @@ def test_table_rows_ratios_and_profile_text():
                            "threads": 2, "runs": 5,
                            "top": [{"where": "portable", "op": "native_group_norm.out", "ms": 1.0, "count": 3}]})
     assert "25%" in text and "native_group_norm.out (×3)" in text
+
+
+def test_vae_probe_runs_on_a_tiny_vae_and_its_command_reruns(tmp_path, capsys):
+    import torch
+
+    from benchmarks._record import command_line
+    from benchmarks.vae_probe import main
+    from toolkit.checkpoint import save_component
+    from toolkit.data.synth import write_synth_dataset
+    from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
+
+    torch.manual_seed(0)
+    config = OOBLECK_PRESETS["tiny"]
+    save_component(tmp_path / "vae", config, OobleckVAE(config).eval())
+    write_synth_dataset(tmp_path / "data", n=3, seconds=2.0, sample_rate=config.sample_rate, seed=0, progress=False)
+    assert main(["--vae", f"tiny one={tmp_path / 'vae'}", "--train", str(tmp_path / "data"), "--heldout",
+                 str(tmp_path / "data"), "--segment-latents", "16", "--context", "2", "--no-append"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0].startswith("tiny one") and len(cells) == 8
+    figures = [float(c) for c in cells[1:]]
+    assert all(math.isfinite(f) for f in figures)  # every figure was computed (no nan)
+    assert all(0.0 <= figures[i] <= 1.0 for i in (0, 1, 6))  # accuracies
+    assert all(-1.0 <= figures[i] <= 1.0 for i in (4, 5))  # correlations
+    # A name with a space survives the recorded command as one argument.
+    assert "--vae 'tiny one=/x'" in command_line("vae_probe.py", ["--vae", "tiny one=/x"])

@@ -1,7 +1,7 @@
 """Musical agreement of generated accompaniment with the true labels of held-out synthetic pairs.
 
 For each held-out track the model hears only the vocal; its accompaniment is scored against the
-track's known chords (chroma vs the 24 major/minor triad templates) and tempo. A model with the
+track's known chords (chroma vs the 24 major/minor triad templates), tempo and beats. A model with the
 same architecture and random weights gives the "no learning" figure in the same run.
 """
 
@@ -12,13 +12,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from toolkit.checkpoint import Pipeline
 from toolkit.data.music import AGREEMENT_FIELDS, agreement
 from toolkit.data.stems import Track, list_tracks, load_track
 from toolkit.generate import generate_accompaniment
+from toolkit.models.oobleck import OobleckVAE
 
-__all__ = ["AGREEMENT_FIELDS", "musical_agreement", "score_tracks"]
+__all__ = ["AGREEMENT_FIELDS", "musical_agreement", "reconstruct", "score_tracks"]
+
+
+@torch.no_grad()
+def reconstruct(vae: OobleckVAE, audio: np.ndarray, segment: int) -> np.ndarray:
+    """Encode (posterior mean) and decode ``audio`` (C, N) segment by segment, the last one
+    zero-padded, as generation does; (C, N) back. What the VAE lets through to the denoiser."""
+    x = torch.as_tensor(audio, dtype=torch.float32).reshape(1, audio.shape[0], -1)
+    n = x.shape[-1]
+    x = torch.nn.functional.pad(x, (0, (-n) % segment))
+    out = [vae.decode(vae.encode_latent(x[..., s:s + segment])) for s in range(0, x.shape[-1], segment)]
+    return torch.cat(out, -1)[0, :, :n].numpy()
 
 
 def score_tracks(pipeline: Pipeline, data_dir: Path, render: Callable[[Track], np.ndarray], *,
@@ -54,7 +67,7 @@ def musical_agreement(
     max_tracks: int | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Mean chord accuracy / cosine, key and tempo agreement of the accompaniment generated from
+    """Mean chord accuracy / cosine, key, tempo and beat agreement of the accompaniment generated from
     each labelled track's vocal in ``data_dir``."""
     result = score_tracks(
         pipeline, data_dir,

@@ -14,7 +14,7 @@ from pathlib import Path
 import soundfile as sf
 
 from toolkit.checkpoint import load_checkpoint
-from toolkit.data.music import chord_agreement, tempo_agreement
+from toolkit.data.music import beat_alignment, chord_agreement, tempo_agreement
 from toolkit.data.synth import synth_pair_at_rate
 from toolkit.generate import generate_accompaniment
 
@@ -42,6 +42,7 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int, seed: int,
         "predicted_chords": chords["predicted_chords"],
         "chord_accuracy": chords["chord_accuracy"], "chord_cosine": chords["chord_cosine"],
         "tempo_match": tempo_agreement(acc, pipe.sample_rate, labels)["tempo_match"],
+        "beat_alignment": beat_alignment(acc, pipe.sample_rate, labels),
         "outputs": {"vocals": str(out / "vocals.wav"), "accompaniment": str(out / "accompaniment.wav")},
     }
     from toolkit.matrix import ALL_TARGETS, run_matrix

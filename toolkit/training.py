@@ -136,16 +136,19 @@ class VAETrainArgs:
     waveform_weight: float = 50.0
     # Band (Hz) the waveform term looks at; 0: all of it. Above it only the STFT terms apply, so
     # noise (snare, hats, breath) may come back as any noise of the right spectrum instead of the
-    # exact realisation. The demo VAE uses 600 Hz (above the vocal's fundamentals): the denoiser
-    # trained on its latents reached chord accuracy 0.24 against 0.16 with the full band.
+    # exact realisation. The demo VAEs use 600 Hz (above the vocal's fundamentals): a denoiser
+    # trained on v2's latents reached chord accuracy 0.24 against 0.16 with the full band.
     waveform_lowpass_hz: float = 0.0
     # Lower edge (Hz) of that band; 0: none. Below it (kick, bass) only the phase-blind STFT terms
-    # apply, so the latent codes those parts by their magnitude rather than their waveform.
+    # apply, so the latent codes those parts by their magnitude rather than their waveform. Tried
+    # at 127 Hz on the demo: it did not make the denoiser follow the beat (BENCHMARKS.md).
     waveform_highpass_hz: float = 0.0
     # The waveform weight on vocal crops; None: ``waveform_weight``. The pipeline only encodes the
-    # vocal (as conditioning) and never decodes it, so its latent need not keep its phase; under the
-    # waveform term it does, and a vocal's note onsets become hard to read off it (a linear probe
-    # finds the beat grid in the demo v1 VAE's vocal latents at correlation 0.44, in v2's at 0.16).
+    # vocal (as conditioning) and never decodes it. Under the waveform term its latent codes the
+    # waveform and the note onsets become hard to read off it: a linear probe finds the beat grid
+    # in the vocal latents at correlation 0.15 (weight 50), 0.23 (15) and 0.41 (0). Demo v3 uses 0:
+    # its denoiser follows the tempo (0.43 vs 0.08 random), v2's (50) and the weight-15 one did
+    # not. The price was chord following (0.10 against v2's 0.24), for a reason not established.
     vocal_waveform_weight: float | None = None
     seed: int = 0
 
