@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = musical_agreement(model, a.data, steps=a.steps, guidance=a.guidance, seed=a.seed,
                                           max_tracks=a.max_tracks)
     results["true accompaniment through the VAE"] = score_tracks(
-        pipe, a.data, lambda t: reconstruct(pipe.vae, t.accompaniment, pipe.segment_samples), max_tracks=a.max_tracks)
+        pipe, a.data, lambda t: reconstruct(pipe.vae, t.accompaniment, pipe.segment_samples),
+        max_tracks=a.max_tracks)
     results["the vocal alone"] = score_tracks(pipe, a.data, lambda t: t.vocals, max_tracks=a.max_tracks)
     wall = time.time() - t0
 

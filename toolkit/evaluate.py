@@ -1,8 +1,8 @@
 """Musical agreement of generated accompaniment with the true labels of held-out synthetic pairs.
 
 For each held-out track the model hears only the vocal; its accompaniment is scored against the
-track's known chords (chroma vs the 24 major/minor triad templates), tempo and beats. A model with the
-same architecture and random weights gives the "no learning" figure in the same run.
+track's known chords (chroma vs the 24 major/minor triad templates), tempo and beats. A model with
+the same architecture and random weights gives the "no learning" figure in the same run.
 """
 
 from __future__ import annotations
