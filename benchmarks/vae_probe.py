@@ -139,22 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         row = {"name": name, "path": path, "snr": float(np.mean(snr))}
         for key in ("chord_accuracy", "tempo_match", "beat_alignment"):
             row[key] = float(np.mean([s[key] for s in scores if s[key] is not None]))
-        for stem in ("vocals", "accompaniment"):
-            def pairs(tracks):
-                out = []
-                for t in tracks:
-                    z = latents(vae, getattr(t, stem), segment)
-                    out.append((z, beat_grid(t.labels, z.shape[-1], frame_rate)))
-                return out
-            row[stem] = probe(pairs(train), pairs(heldout), a.context)
+        # Each stem's latents once per track: (train, held-out) lists of (D, frames).
+        z = {stem: tuple([latents(vae, getattr(t, stem), segment) for t in tracks] for tracks in (train, heldout))
+             for stem in ("vocals", "accompaniment")}
 
-        def notes(tracks):
-            out = []
-            for t in tracks:
-                z = latents(vae, t.vocals, segment)
-                out.append((z, pitch_class_targets(t.labels, z.shape[-1], frame_rate)))
-            return out
-        row["pitch"] = pitch_probe(notes(train), notes(heldout), a.context)
+        def with_targets(stem: str, target) -> list:
+            """(train, held-out) lists of (latent, target(labels, frames, frame_rate)) pairs."""
+            return [[(zi, target(t.labels, zi.shape[-1], frame_rate)) for zi, t in zip(zs, tracks)]
+                    for zs, tracks in zip(z[stem], (train, heldout))]
+
+        for stem in ("vocals", "accompaniment"):
+            row[stem] = probe(*with_targets(stem, beat_grid), a.context)
+        row["pitch"] = pitch_probe(*with_targets("vocals", pitch_class_targets), a.context)
         rows.append(row)
         print(row, file=sys.stderr)
     lines = ["| VAE | reconstruction: chord accuracy ↑ | tempo match ↑ | beat alignment ↑ | audio SNR dB ↑ "
