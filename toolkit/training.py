@@ -102,11 +102,6 @@ def bandpass(audio: torch.Tensor, sample_rate: int, low_hz: float, high_hz: floa
     return torch.fft.irfft(spectrum * ((f >= low_hz) & (f <= high_hz)), n=audio.shape[-1], dim=-1)
 
 
-def lowpass(audio: torch.Tensor, sample_rate: int, cutoff_hz: float) -> torch.Tensor:
-    """Zero every FFT bin above ``cutoff_hz`` along the last axis (a brick-wall low-pass)."""
-    return bandpass(audio, sample_rate, 0.0, cutoff_hz)
-
-
 def waveform_l1(pred: torch.Tensor, target: torch.Tensor, sample_rate: int, cutoff_hz: float,
                 highpass_hz: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """L1 between waveforms, in [``highpass_hz``, ``cutoff_hz``] (0 for ``cutoff_hz``: no upper edge).
@@ -169,9 +164,10 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
     state_dir = Path(state_dir or f"{out_dir}-state")
     t_start = time.time()
     tracks = load_audio_set(Path(data_dir), sample_rate=config.sample_rate, channels=config.audio_channels)
-    clips = [a for t in tracks for a in (t.vocals, t.accompaniment)]
     vocal_weight = args.waveform_weight if args.vocal_waveform_weight is None else args.vocal_waveform_weight
-    if min(c.shape[-1] for c in clips) < args.segment_samples:
+    # (audio, its waveform-L1 weight) for every stem of every track.
+    clips = [c for t in tracks for c in ((t.vocals, vocal_weight), (t.accompaniment, args.waveform_weight))]
+    if min(audio.shape[-1] for audio, _ in clips) < args.segment_samples:
         raise ValueError(f"{data_dir}: tracks are shorter than segment_samples={args.segment_samples}")
 
     torch.manual_seed(args.seed)
@@ -201,11 +197,10 @@ def train_vae(data_dir: Path, out_dir: Path, args: VAETrainArgs, *, state_dir: P
     while step < args.steps:
         batch, weights = [], []
         for _ in range(args.batch_size):
-            index = rng.integers(len(clips))
-            clip = clips[index]
+            clip, weight = clips[rng.integers(len(clips))]
             start = rng.integers(0, clip.shape[-1] - args.segment_samples + 1)
             batch.append(clip[:, start:start + args.segment_samples])
-            weights.append(vocal_weight if index % 2 == 0 else args.waveform_weight)  # even: vocals
+            weights.append(weight)
         audio = torch.from_numpy(np.stack(batch)).float()
         out = model(audio, generator=gen)
         rec = (mrstft_loss(out.reconstruction, audio)
