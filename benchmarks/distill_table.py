@@ -41,7 +41,7 @@ from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint, save_c
 from toolkit.data.music import chord_agreement  # noqa: E402
 from toolkit.data.stems import list_tracks, load_track  # noqa: E402
 from toolkit.data.synth import MIN_SAMPLE_RATE, MIN_SECONDS, write_synth_dataset  # noqa: E402
-from toolkit.distill import WEIGHTINGS, DistillArgs, distill  # noqa: E402
+from toolkit.distill import LR_DECAYS, WEIGHTINGS, DistillArgs, distill  # noqa: E402
 from toolkit.generate import generate_accompaniment  # noqa: E402
 
 HELDOUT_SEED = 3003  # dataset seed of the held-out pairs; differs from the training data's (0)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the student weights (0: off)")
     p.add_argument("--warmup", type=int, default=200, help="LR warm-up steps per round")
-    p.add_argument("--lr-decay", choices=("none", "linear"), default="linear",
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default="linear",
                    help="linear: LR falls to 0 at the end of every round")
     p.add_argument("--gamma", type=float, default=5.0)
     p.add_argument("--guidance", type=float, default=None, help="default: the teacher's")
