@@ -6,8 +6,8 @@ import torch
 from toolkit.config import ConfigError
 from toolkit.diffusion import alpha_sigma
 from toolkit.models.softalign import (
-    SOFTALIGN_PRESETS, SoftAlignAttention, SoftAlignConfig, SoftAlignUNet, count_parameters,
-    local_window_bias,
+    SOFTALIGN_PRESETS, SoftAlignAttention, SoftAlignConfig, SoftAlignUNet, _heads, _merge,
+    apply_rope, attention, count_parameters, local_window_bias, rope_tables,
 )
 from toolkit.diffusion import CosineSchedule
 
@@ -28,8 +28,12 @@ def test_paper_config_size_and_shape():
 def test_tiny_is_small_and_rejects_wrong_shapes():
     model = SoftAlignUNet(SOFTALIGN_PRESETS["tiny"])
     assert count_parameters(model) < 50_000
-    with pytest.raises(ValueError, match="expects x and cond"):
+    with pytest.raises(ValueError, match="multiples of 2"):
         model(torch.randn(1, 4, 15), torch.zeros(1), torch.randn(1, 4, 15))
+    with pytest.raises(ValueError, match="expects x and cond"):
+        model(torch.randn(1, 3, 16), torch.zeros(1), torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="expects x and cond"):
+        model(torch.randn(1, 4, 16), torch.zeros(1), torch.randn(1, 4, 32))
 
 
 @pytest.mark.parametrize("field,value", [
@@ -87,3 +91,62 @@ def test_vocal_conditioning_changes_output():
     a = model(x, torch.tensor([0.5]), torch.randn(1, 4, 16))
     b = model(x, torch.tensor([0.5]), torch.zeros(1, 4, 16))
     assert not torch.allclose(a, b)
+
+
+# --- any length (issue 18) -------------------------------------------------------------------------
+
+
+def _dense_local(attn, x):
+    """Today's (pre-issue-18) local branch: dense scores with the L×L window mask."""
+    q, k, v = attn.qkv(attn.norm(x)).chunk(3, dim=1)
+    q, k, v = (_heads(a, attn.n_heads) for a in (q, k, v))
+    return _merge(attention(q, k, v, local_window_bias(x.shape[-1], attn.window)))
+
+
+def _dense_global(attn, x):
+    q, k, v = attn.qkv(attn.norm(x)).chunk(3, dim=1)
+    q, k, v = (_heads(a, attn.n_heads) for a in (q, k, v))
+    cos, sin = rope_tables(x.shape[-1], attn.head_dim, attn.rope_base)
+    return _merge(attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
+
+
+@pytest.mark.parametrize("window", [16, 8, 5, 1])
+@pytest.mark.parametrize("length", [128, 32, 200, 7])
+def test_banded_local_attention_equals_masked_dense(window, length):
+    torch.manual_seed(window + length)
+    attn = SoftAlignAttention(32, 128, 8, window, 4, 10000.0).eval()  # trained at 128 frames
+    x = torch.randn(2, 32, length)
+    glob, local = attn.branches(x)
+    torch.testing.assert_close(local, _dense_local(attn, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(glob, _dense_global(attn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_extend_the_training_table():
+    attn = SoftAlignAttention(32, 16, 8, 4, 4, 10000.0)
+    cos, sin = attn.rope(48)
+    assert cos.shape == (48, 8)
+    torch.testing.assert_close(cos[:16], attn.rope_cos, rtol=0, atol=1e-7)
+    torch.testing.assert_close(sin[:16], attn.rope_sin, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("length", [2, 16, 48, 96])
+def test_unet_runs_at_any_multiple_of_its_downsampling(length):
+    torch.manual_seed(0)
+    model = SoftAlignUNet(SOFTALIGN_PRESETS["tiny"]).eval()
+    x, c = torch.randn(2, 4, length), torch.randn(2, 4, length)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0.2, 0.7]), c)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_demo_checkpoint_loads_and_runs_beyond_its_training_length():
+    from toolkit.checkpoint import load_checkpoint
+
+    pipe = load_checkpoint()
+    cfg = pipe.denoiser.config
+    assert cfg.latent_length == 128  # the training length stays checkpoint metadata
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.latent_channels, 4 * cfg.latent_length, generator=g)
+    with torch.no_grad():
+        out = pipe.denoiser(x, torch.tensor([0.5]), torch.zeros_like(x))
+    assert out.shape == x.shape and torch.isfinite(out).all()

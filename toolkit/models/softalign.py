@@ -10,6 +10,12 @@ at the input, and a vocal encoder's features enter through cross-attention at se
 
 Attention is written as explicit ``softmax(q kᵀ · s) v`` rather than ``scaled_dot_product_attention``
 so that it lowers to XNNPACK as one delegate (NOTES.md).
+
+Length. ``SoftAlignConfig.latent_length`` is the training length (checkpoint metadata); the network
+runs at any length that is a multiple of its downsampling factor 2^(levels−1): RoPE tables are made
+for the length in use, the local window (eq. 1) is computed blockwise in O(L·w), and cross-attention
+has no length-bound state. Beyond the training length the global attention (eq. 2) may run as
+LiteFocus (seed 002, ``toolkit.models.litefocus``): ``forward(..., comp_idx, litefocus=cfg)``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 
 from toolkit.config import register, require
 from toolkit.diffusion import CosineSchedule, alpha_sigma
+from toolkit.models.litefocus import LiteFocusConfig, band_attention, litefocus_attention
 
 
 @register
@@ -34,7 +41,7 @@ class SoftAlignConfig:
     VERSION = 1
 
     latent_channels: int = 64
-    latent_length: int = 1024
+    latent_length: int = 1024  # the training length; the model runs at any multiple of `downsampling`
     channels: tuple[int, ...] = (64, 128, 256, 512)
     res_blocks: int = 1  # residual blocks per level on the way down
     up_res_blocks: int = 1  # residual blocks per level on the way up (the first takes the skip)
@@ -76,8 +83,14 @@ class SoftAlignConfig:
         require(self.time_embed_dim > 0, n, "time_embed_dim", "must be positive")
 
     @property
+    def downsampling(self) -> int:
+        """Latent frames per bottleneck frame: lengths the network accepts are multiples of it."""
+        return 2 ** (len(self.channels) - 1)
+
+    @property
     def bottleneck_length(self) -> int:
-        return self.latent_length // 2 ** (len(self.channels) - 1)
+        """Bottleneck frames at the training length (where the global attention runs)."""
+        return self.latent_length // self.downsampling
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -161,7 +174,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def local_window_bias(length: int, window: int) -> torch.Tensor:
-    """Additive mask for eq. 1's W(i): the ``window`` positions j ∈ [i − ⌊w/2⌋, i + ⌈w/2⌉ − 1]."""
+    """Additive mask for eq. 1's W(i): the ``window`` positions j ∈ [i − ⌊w/2⌋, i + ⌈w/2⌉ − 1].
+
+    The dense O(L²) reference of ``band_attention``; the model no longer builds it.
+    """
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
     inside = (j >= i - window // 2) & (j < i - window // 2 + window)
@@ -172,34 +188,71 @@ class SoftAlignAttention(nn.Module):
     """Seed 000 §IV-B: Context = √ᾱ_t · GlobalAttn + (1 − √ᾱ_t) · LocalAttn (eq. 3).
 
     Q, K, V come from one convolutional projection (kernel 3) shared by both branches; LocalAttn
-    (eq. 1) attends inside a sliding window of ``window`` frames; GlobalAttn (eq. 2) attends over the
-    whole sequence with RoPE applied to Q and K.
+    (eq. 1) attends inside a sliding window of ``window`` frames, computed blockwise (O(L·w));
+    GlobalAttn (eq. 2) attends over the whole sequence with RoPE applied to Q and K, or, when a
+    LiteFocus config is given and the sequence is longer than ``length`` (the training length),
+    over each query's focus set (seed 002 eqs. 1–6) with C = ``comp_idx``.
     """
 
     def __init__(self, channels: int, length: int, head_dim: int, window: int, groups: int,
                  rope_base: float):
         super().__init__()
         self.n_heads = channels // head_dim
+        self.head_dim = head_dim
+        self.length = length
+        self.window = window
+        self.rope_base = rope_base
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 3, padding=1)
         self.proj = nn.Conv1d(channels, channels, 1)
         cos, sin = rope_tables(length, head_dim, rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("local_bias", local_window_bias(length, window), persistent=False)
+        # RoPE tables of other lengths, made on first use (``prepare_length`` before torch.export
+        # makes them constants of the graph rather than traced float64 ops).
+        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables for ``length`` frames (the first rows of every longer table are equal)."""
+        if length == self.rope_cos.shape[0]:
+            return self.rope_cos, self.rope_sin
+        if length not in self._rope_cache:
+            self._rope_cache[length] = rope_tables(length, self.head_dim, self.rope_base)
+        return self._rope_cache[length]
+
+    def branches(
+        self,
+        x: torch.Tensor,
+        comp_idx: torch.Tensor | None = None,
+        *,
+        litefocus: LiteFocusConfig | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two contexts before mixing, (global, local), each (B, C, L)."""
         q, k, v = self.qkv(self.norm(x)).chunk(3, dim=1)
         q, k, v = (_heads(a, self.n_heads) for a in (q, k, v))
-        local = attention(q, k, v, self.local_bias)  # eq. 1
-        qr = apply_rope(q, self.rope_cos, self.rope_sin)
-        kr = apply_rope(k, self.rope_cos, self.rope_sin)
-        glob = attention(qr, kr, v)  # eq. 2
+        w = self.window
+        local = band_attention(q, k, v, lo=w // 2, hi=w - w // 2 - 1)  # eq. 1, W(i) as local_window_bias
+        cos, sin = self.rope(q.shape[2])
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if litefocus is None or q.shape[2] <= self.length:
+            glob = attention(qr, kr, v)  # eq. 2: dense up to the training length
+        else:
+            if comp_idx is None:
+                raise ValueError("LiteFocus beyond the training length needs the compensation indices "
+                                 "(toolkit.models.litefocus.compensation_indices)")
+            band = self.window if litefocus.band is None else litefocus.band
+            glob = litefocus_attention(qr, kr, v, comp_idx, band=band, lags=litefocus.lags)
         return _merge(glob), _merge(local)
 
-    def forward(self, x: torch.Tensor, sqrt_alpha_bar: torch.Tensor) -> torch.Tensor:
-        glob, local = self.branches(x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        sqrt_alpha_bar: torch.Tensor,
+        comp_idx: torch.Tensor | None = None,
+        *,
+        litefocus: LiteFocusConfig | None = None,
+    ) -> torch.Tensor:
+        glob, local = self.branches(x, comp_idx, litefocus=litefocus)
         w = sqrt_alpha_bar[:, None, None]
         context = w * glob + (1 - w) * local  # eq. 3
         return x + self.proj(context)
@@ -300,13 +353,41 @@ class SoftAlignUNet(nn.Module):
         self.norm_out = nn.GroupNorm(cfg.groups, ch[0])
         self.conv_out = nn.Conv1d(ch[0], cfg.latent_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def check_length(self, length: int) -> None:
+        """Raise unless the network runs at ``length`` latent frames (a multiple of its downsampling)."""
+        down = self.config.downsampling
+        if length < down or length % down:
+            raise ValueError(f"SoftAlignUNet runs at latent lengths that are multiples of {down}; "
+                             f"got {length} (pad the latent)")
+
+    def prepare_length(self, length: int) -> None:
+        """Make the RoPE table for ``length`` now, so that torch.export sees it as a constant."""
+        self.check_length(length)
+        self.attn.rope(length // self.config.downsampling)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        comp_idx: torch.Tensor | None = None,
+        *,
+        litefocus: LiteFocusConfig | None = None,
+    ) -> torch.Tensor:
+        """v̂ for the noisy latent ``x`` (B, D, L) at any length L that is a multiple of the downsampling.
+
+        ``litefocus``: run the global attention as LiteFocus when the bottleneck is longer than at
+        the training length; ``comp_idx`` is then its compensation set C (int64 bottleneck-frame
+        indices, e.g. ``compensation_indices(L // downsampling, r, seed=..., call=step)``).
+        """
         cfg = self.config
-        if x.shape[1:] != cfg.latent_shape or cond.shape != x.shape:
+        if x.dim() != 3 or x.shape[1] != cfg.latent_channels or cond.shape != x.shape:
             raise ValueError(
-                f"SoftAlignUNet expects x and cond shaped (B, {cfg.latent_channels}, "
-                f"{cfg.latent_length}); got {tuple(x.shape)} and {tuple(cond.shape)}"
+                f"SoftAlignUNet expects x and cond shaped (B, {cfg.latent_channels}, L) alike "
+                f"(L a multiple of {cfg.downsampling}; {cfg.latent_length} in training); got "
+                f"{tuple(x.shape)} and {tuple(cond.shape)}"
             )
+        self.check_length(x.shape[2])
         emb = self.time_mlp(timestep_embedding(t, cfg.time_embed_dim))
         sqrt_alpha_bar, _ = alpha_sigma(t.to(torch.float32), self.schedule)
         vocal = self.vocal(cond)
@@ -319,7 +400,7 @@ class SoftAlignUNet(nn.Module):
                 h = self.downsample[i](h)
         for block in self.mid:
             h = block(h, emb)
-        h = self.attn(h, sqrt_alpha_bar)
+        h = self.attn(h, sqrt_alpha_bar, comp_idx, litefocus=litefocus)
         n = len(cfg.channels)
         for j, level in enumerate(self.up):
             i = n - 1 - j
