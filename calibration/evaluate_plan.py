@@ -42,18 +42,18 @@ def _is_float(p) -> bool:
 def quantized_pipeline(pipeline: Pipeline, plan: dict, calib_dir: Path | None, *,
                        observer: str = "minmax") -> Pipeline:
     """A copy of ``pipeline`` whose denoiser and VAE decoder are fake-quantized as ``plan`` says."""
-    from toolkit.bundle import calibration_feeds
+    from calibration.feeds import calibration_feeds
     from toolkit.components import VAEDecoderExport
     from toolkit.models.oobleck import fold_for_export
 
-    den_plan = {n: p for n, p in component_assignment(plan, "denoiser", pipeline.denoiser).items()
-                if not _is_float(p)}
+    den_assign = component_assignment(plan, "denoiser", pipeline.denoiser)
+    den_plan = {n: p for n, p in den_assign.items() if not _is_float(p)}
     needs_ranges = any(p.activations in ("int8", "int16") for p in den_plan.values())
     calib = load_calibration_set(Path(calib_dir)) if calib_dir is not None else None
     if needs_ranges and calib is None:
         raise ValueError("the plan quantizes activations: pass --calib DIR (toolkit calibrate)")
     ranges = activation_ranges(pipeline.denoiser, calib, observer=observer) if needs_ranges else None
-    denoiser = quantized_copy(pipeline.denoiser, den_plan, ranges)
+    denoiser = quantized_copy(pipeline.denoiser, den_plan, ranges, rounding=den_assign.rounding)
 
     vae = fold_for_export(pipeline.vae).eval()  # quantize the folded weights the device gets
     decoder = VAEDecoderExport(vae, pipeline.config.latent_scale)
@@ -160,7 +160,7 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
         test = generate_accompaniment(q, track.vocals, steps=steps, guidance=guidance, seed=seed, latents=test_lat)
         dist = metrics.paired_audio_metrics(ref, test, sr)
         spread = metrics.paired_audio_metrics(ref, other, sr)
-        seg_snr = [min(metrics.snr_db(a, b), 200.0) for a, b in zip(ref_lat, test_lat)]
+        seg_snr = [metrics.capped_snr_db(metrics.snr_db(a, b)) for a, b in zip(ref_lat, test_lat)]
         rows.append({"track": track.name, **dist, "seed_spread": spread,
                      "relative_to_spread": metrics.relative_to_spread(dist, spread),
                      "latent_snr_db": float(np.mean(seg_snr)), "latent_snr_db_worst_segment": float(min(seg_snr)),

@@ -32,6 +32,43 @@ def atomic_directory(final: Path, *, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the temporary directories that killed writers left in ``parent`` (hidden
+    ``.<name>.partial-*``, made by :func:`atomic_directory` and :func:`staging_directory`)."""
+    removed = []
+    for stale in sorted(Path(parent).glob(".*.partial-*")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
+@contextmanager
+def staging_directory(parent: Path, *, prefix: str) -> Iterator[Path]:
+    """Yield a temporary directory in ``parent`` for an output whose final name is known only at the
+    end; the caller moves it into place with :func:`promote`. Removed if the block raises."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.partial-", dir=parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def promote(tmp: Path, final: Path, *, overwrite: bool) -> Path:
+    """Rename the complete directory ``tmp`` to ``final`` (replacing it only when ``overwrite``)."""
+    final = Path(final)
+    if final.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{final} exists; choose another output or remove it")
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def write_text_atomically(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a hidden sibling renamed into place (parents created)."""
     path = Path(path)

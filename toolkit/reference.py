@@ -1,0 +1,47 @@
+"""A bundle's full-precision reference: synthetic vocals, initial noises, and PyTorch's outputs for them.
+
+A device judges its own outputs against these (paired distances, and the reference's own
+seed-to-seed spread), so every example is generated with two seeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from toolkit.checkpoint import Pipeline
+from toolkit.data.synth import synth_pair_at_rate
+from toolkit.generate import decode_latent, encode_audio, sample_latent
+
+REFERENCE_SEEDS = (0, 1)
+REFERENCE_EXAMPLES = 2
+
+
+def make_reference(pipeline: Pipeline, *, steps: int, guidance: float, examples: int,
+                   seeds: tuple[int, ...]) -> tuple[dict, dict]:
+    """Full-precision outputs for ``examples`` synthetic vocals × ``seeds`` initial noises."""
+    # The synthesizer writes at least a second (one melody note); longer than a segment is cropped.
+    seconds = max(1.0, pipeline.segment_samples / pipeline.sample_rate)
+    vocals = np.stack([
+        synth_pair_at_rate(20_000 + i, seconds=seconds, sample_rate=pipeline.sample_rate,
+                   channels=pipeline.audio_channels)[0][:, :pipeline.segment_samples]
+        for i in range(examples)]).astype(np.float32)
+    noise = np.stack([
+        np.stack([torch.randn(pipeline.latent_shape, generator=torch.Generator().manual_seed(
+            1000 * i + s)).numpy() for s in seeds]) for i in range(examples)]).astype(np.float32)
+    vocal_latent, latents, audio = [], [], []
+    with torch.no_grad():
+        for i in range(examples):
+            cond = encode_audio(pipeline, torch.from_numpy(vocals[i:i + 1]))
+            vocal_latent.append(cond[0].numpy())
+            lat_i, aud_i = [], []
+            for j in range(len(seeds)):
+                lat = sample_latent(pipeline, cond, torch.from_numpy(noise[i, j:j + 1]), steps=steps,
+                                    guidance=guidance)
+                lat_i.append(lat[0].numpy())
+                aud_i.append(decode_latent(pipeline, lat)[0].numpy())
+            latents.append(np.stack(lat_i)); audio.append(np.stack(aud_i))
+    inputs = {"vocals": vocals, "noise": noise}
+    outputs = {"vocal_latent": np.stack(vocal_latent), "latents": np.stack(latents),
+               "audio": np.stack(audio)}
+    return inputs, outputs
