@@ -1,4 +1,10 @@
-"""Reading a bundle on the device: the manifest, the sha256 of every file, the reference arrays."""
+"""Reading a bundle on the device: the manifest, the sha256 of every file, the reference arrays.
+
+A bundle defends itself: the manifest is sealed by ``manifest_sha256`` (the sha256 of its own
+canonical JSON without that field), every file it lists by its sha256, and every component file
+must carry the suffix its target's runtime reads. Any malformed, altered or inconsistent bundle is
+a :class:`BundleError` that names the file and the field, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "toolkit_version", "model", "target", "precision", "runtime",
                  "sampler", "audio", "components", "files", "quality_budget", "reference")
-COMPONENTS = ("vae_encoder", "denoiser", "vae_decoder")
+COMPONENTS = ("vae_encoder", "denoiser", "vae_decoder")  # the deployable components, in run order
+DIGEST_FIELD = "manifest_sha256"
 
 
 class BundleError(ValueError):
@@ -34,22 +41,48 @@ def hash_tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace), its digest field excluded."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=float, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def validate_manifest(manifest: dict, *, source: str) -> None:
     """Schema check of a manifest: required keys, the three components, a consistent sampler table."""
+    try:
+        _validate(manifest, source=source)
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{source}: malformed manifest ({type(exc).__name__}: {exc}); re-export the "
+                          "bundle") from None
+
+
+def _validate(manifest: dict, *, source: str) -> None:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{source}: expected a JSON object, got {type(manifest).__name__}")
     for key in REQUIRED_KEYS:
         if key not in manifest:
             raise BundleError(f"{source}: field '{key}' is missing; re-export the bundle")
     if manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(f"{source}: field 'format_version' is {manifest['format_version']!r}; this "
                           f"runtime reads {FORMAT_VERSION}")
+    if not isinstance(manifest["components"], dict):
+        raise BundleError(f"{source}: field 'components' must be an object")
     for name in COMPONENTS:
         comp = manifest["components"].get(name)
         if comp is None:
             raise BundleError(f"{source}: components.{name} is missing")
+        if not isinstance(comp, dict):
+            raise BundleError(f"{source}: components.{name} must be an object")
         for key in ("path", "inputs", "outputs", "precision"):
             if key not in comp:
                 raise BundleError(f"{source}: components.{name}.{key} is missing")
+    _check_target_files(manifest, source=source)
     s = manifest["sampler"]
+    if not isinstance(s, dict):
+        raise BundleError(f"{source}: field 'sampler' must be an object")
     for key in ("t", "alpha", "sigma", "guidance", "guidance_folded", "steps", "denoiser_batch"):
         if key not in s:
             raise BundleError(f"{source}: sampler.{key} is missing")
@@ -60,6 +93,23 @@ def validate_manifest(manifest: dict, *, source: str) -> None:
             raise BundleError(f"{source}: sampler row {i}: alpha² + sigma² = {a * a + sg * sg:.6f} ≠ 1")
 
 
+def _check_target_files(manifest: dict, *, source: str) -> None:
+    """The target is one this runtime knows, and every component file is of that target's kind."""
+    from runtime_py.runners import RUNTIMES
+
+    target = manifest["target"]
+    if target not in RUNTIMES:
+        raise BundleError(f"{source}: field 'target' is {target!r}; this runtime knows "
+                          f"{', '.join(sorted(RUNTIMES))}")
+    suffix = RUNTIMES[target].file_suffix
+    for name in COMPONENTS:
+        path = str(manifest["components"][name]["path"])
+        if not path.endswith(suffix):
+            raise BundleError(f"{source}: components.{name}.path is {path!r}, but a {target} bundle's "
+                              f"components are {suffix} files; the 'target' field and the files disagree "
+                              "(re-export the bundle for the target you mean)")
+
+
 def load_manifest(bundle: Path, *, check_hashes: bool = True) -> dict:
     """Load and validate ``bundle/manifest.json``; with ``check_hashes`` every file's sha256 too."""
     bundle = Path(bundle)
@@ -68,9 +118,17 @@ def load_manifest(bundle: Path, *, check_hashes: bool = True) -> dict:
         raise BundleError(f"{path}: not found; is {bundle} a bundle written by `toolkit export`?")
     try:
         manifest = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: not UTF-8 text; not a manifest written by `toolkit export`") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
     validate_manifest(manifest, source=str(path))
+    if DIGEST_FIELD not in manifest:
+        raise BundleError(f"{path}: field '{DIGEST_FIELD}' is missing; re-export the bundle with this "
+                          "toolkit (older bundles are not sealed)")
+    if manifest[DIGEST_FIELD] != manifest_digest(manifest):
+        raise BundleError(f"{path}: field '{DIGEST_FIELD}' does not match the manifest's content; the "
+                          "manifest was edited or corrupted after export — re-copy or re-export the bundle")
     if check_hashes:
         actual = hash_tree(bundle)
         for rel, digest in manifest["files"].items():

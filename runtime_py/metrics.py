@@ -16,6 +16,16 @@ DISTANCES = ("log_mel_l1", "mrstft", "lsd_db", "loudness_diff_db")
 HIGHER_IS_BETTER = ("latent_snr_db", "si_snr_db")
 
 
+# An unchanged output has infinite SNR and JSON has no infinity: averaged or stored SNRs are capped
+# here (:func:`capped_snr_db`). The one cap for every report, table and plan.
+SNR_CAP_DB = 200.0
+
+
+def capped_snr_db(value: float) -> float:
+    """``value`` limited to :data:`SNR_CAP_DB` (for means and JSON; +inf becomes the cap)."""
+    return float(min(value, SNR_CAP_DB))
+
+
 def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """10 log10(‖ref‖² / ‖ref − test‖²); +inf for identical arrays."""
     ref = np.asarray(reference, dtype=np.float64)

@@ -21,6 +21,8 @@ import importlib.util
 import json
 import platform
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -335,63 +337,136 @@ class CoreMLRunner(Runner):
 
 
 # ---------------------------------------------------------------------------------------------
-# The table
+# The table: everything the device side knows about a target, in one place
 # ---------------------------------------------------------------------------------------------
 
-RUNNERS: dict[str, type[Runner]] = {
-    "executorch": ExecuTorchRunner,
-    "onnx": OnnxRunner,
-    "tensorrt": TensorRTRunner,
-    "coreml": CoreMLRunner,
-}
+
+def _onnx_unavailable() -> str | None:
+    return None if _find("onnxruntime") else "onnxruntime is not installed"
 
 
-def _check_target(target: str) -> None:
-    if target not in RUNNERS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(RUNNERS))}")
+def _executorch_unavailable() -> str | None:
+    if not _find("executorch.extension.pybindings._C"):
+        return "the ExecuTorch Python runtime (executorch pybindings) is not installed"
+    if not _find("torch"):
+        return "the ExecuTorch Python runtime needs torch, which is not installed"
+    return None
 
 
-def runtime_unavailable(target: str) -> str | None:
-    """None when this host can run ``target``'s files, else the reason. Imports nothing heavy."""
-    _check_target(target)
-    if target == "onnx":
-        return None if _find("onnxruntime") else "onnxruntime is not installed"
-    if target == "executorch":
-        if not _find("executorch.extension.pybindings._C"):
-            return "the ExecuTorch Python runtime (executorch pybindings) is not installed"
-        if not _find("torch"):
-            return "the ExecuTorch Python runtime needs torch, which is not installed"
-        return None
-    if target == "tensorrt":
-        if not _find("tensorrt"):
-            return "tensorrt is not installed"
-        if not (_find("cuda.bindings") or _find("cuda.cudart")):
-            return "cuda-python (cuda.bindings / cuda.cudart) is not installed"
-        return cuda_unavailable()
+def _tensorrt_unavailable() -> str | None:
+    if not _find("tensorrt"):
+        return "tensorrt is not installed"
+    if not (_find("cuda.bindings") or _find("cuda.cudart")):
+        return "cuda-python (cuda.bindings / cuda.cudart) is not installed"
+    return cuda_unavailable()
+
+
+def _coreml_unavailable() -> str | None:
     if sys.platform != "darwin":
         return "Core ML prediction needs macOS"
     return None if _find("coremltools") else "coremltools is not installed"
 
 
+def _coreml_version_note() -> str:
+    return f" (macOS {platform.mac_ver()[0]})" if sys.platform == "darwin" else ""
+
+
+@dataclass(frozen=True)
+class TargetRuntime:
+    """How a device runs one target's files.
+
+    ``file_suffix``: what every component file of such a bundle ends with (the toolkit's target
+    table must agree: a test checks it); ``distribution``: the package whose version reports record;
+    ``unavailable``: None when this host can run the files, else the reason (imports nothing heavy);
+    ``version_note``: extra platform facts for the version line.
+    """
+
+    name: str
+    runner: type[Runner]
+    file_suffix: str
+    distribution: str
+    unavailable: Callable[[], str | None]
+    version_note: Callable[[], str] = lambda: ""
+    # (version at export, version here) -> why the files cannot be trusted to load, or None when a
+    # difference is only worth a warning.
+    incompatible: Callable[[tuple[int, ...], tuple[int, ...]], str | None] = lambda exported, here: None
+
+
+def _executorch_incompatible(exported: tuple[int, ...], here: tuple[int, ...]) -> str | None:
+    # A .pte's flatbuffer schema and operator set only grow between releases: an older runtime may
+    # refuse, or misread, a program from a newer exporter (ExecuTorch promises the reverse only).
+    if here[:2] < exported[:2]:
+        return ("the program was exported by a newer ExecuTorch than this runtime; older runtimes are not "
+                "guaranteed to load newer programs: upgrade the runtime on the device or re-export")
+    return None
+
+
+RUNTIMES: dict[str, TargetRuntime] = {
+    "executorch": TargetRuntime("executorch", ExecuTorchRunner, ".pte", "executorch",
+                                _executorch_unavailable, incompatible=_executorch_incompatible),
+    "onnx": TargetRuntime("onnx", OnnxRunner, ".onnx", "onnxruntime", _onnx_unavailable),
+    "tensorrt": TargetRuntime("tensorrt", TensorRTRunner, ".onnx", "tensorrt", _tensorrt_unavailable),
+    "coreml": TargetRuntime("coreml", CoreMLRunner, ".mlpackage", "coremltools", _coreml_unavailable,
+                            _coreml_version_note),
+}
+
+
+def get_runtime(target: str) -> TargetRuntime:
+    """The table entry of ``target``; an unknown name is a ValueError listing the choices."""
+    if target not in RUNTIMES:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(RUNTIMES))}")
+    return RUNTIMES[target]
+
+
+def runtime_unavailable(target: str) -> str | None:
+    """None when this host can run ``target``'s files, else the reason. Imports nothing heavy."""
+    return get_runtime(target).unavailable()
+
+
 def runtime_version(target: str) -> str:
     """The version of the runtime that runs ``target`` here (e.g. 'onnxruntime 1.32.0')."""
-    _check_target(target)
-    dist = {"onnx": "onnxruntime", "executorch": "executorch", "tensorrt": "tensorrt",
-            "coreml": "coremltools"}[target]
-    found = _dist_version(dist)
-    text = f"{dist} {found}" if found else f"{dist} not installed"
-    if target == "coreml" and sys.platform == "darwin":
-        text += f" (macOS {platform.mac_ver()[0]})"
-    return text
+    entry = get_runtime(target)
+    found = _dist_version(entry.distribution)
+    if not found:
+        return f"{entry.distribution} not installed"
+    return f"{entry.distribution} {found}{entry.version_note()}"
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """(1, 5, 1) from 'executorch 1.5.1' or '1.5.1+cpu'; None when no version is in the text."""
+    import re
+
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return None if match is None else tuple(int(g) for g in match.groups() if g is not None)
+
+
+def version_check(target: str, version_at_export: str | None) -> dict:
+    """Compare the runtime version a bundle was exported for with this device's.
+
+    ``status``: 'same', 'warning' (different, not known to break), 'error' (known incompatible) or
+    'unknown' (a version is missing); ``note`` says what to do.
+    """
+    here = runtime_version(target)
+    out = {"exported_for": version_at_export, "device": here}
+    exported_v, here_v = parse_version(version_at_export or ""), parse_version(here)
+    if exported_v is None or here_v is None:
+        return {**out, "status": "unknown", "note": "a runtime version is missing; cannot compare"}
+    if exported_v == here_v:
+        return {**out, "status": "same", "note": None}
+    why = get_runtime(target).incompatible(exported_v, here_v)
+    if why is not None:
+        return {**out, "status": "error", "note": why}
+    return {**out, "status": "warning",
+            "note": "runtime version differs from the one the bundle was exported and checked with"}
 
 
 def load_runner(target: str, path: Path, *, threads: int | None = None) -> Runner:
     """A runner for the exported file ``path``; RuntimeUnavailable when this host cannot run it."""
-    _check_target(target)
-    reason = runtime_unavailable(target)
+    entry = get_runtime(target)
+    reason = entry.unavailable()
     if reason is not None:
         raise RuntimeUnavailable(f"{target}: {reason}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such {target} file")
-    return RUNNERS[target](path, threads=threads)
+    return entry.runner(path, threads=threads)

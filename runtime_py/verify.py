@@ -59,7 +59,7 @@ def device_info(target: str, threads: int | None) -> dict:
             "runtime": {target: runtime_version(target)}}
 
 
-class Pipeline:
+class DevicePipeline:
     """The three runners plus the sampler, as a device runs them."""
 
     def __init__(self, bundle: Path, manifest: dict, *, threads: int | None):
@@ -138,18 +138,18 @@ def quality_against_reference(pipe, inputs: dict, ref: dict, sample_rate: int) -
             })
     aggregate = {
         "latent_snr_db": float(min(e["latent_snr_db"] for e in per_example)),
-        "latent_snr_db_mean": float(np.mean([min(e["latent_snr_db"], 200.0) for e in per_example])),
+        "latent_snr_db_mean": float(np.mean([metrics.capped_snr_db(e["latent_snr_db"]) for e in per_example])),
         "relative_to_spread": {k: float(max(e["relative_to_spread"][k] for e in per_example))
                                for k in metrics.DISTANCES},
         **{k: float(np.mean([e[k] for e in per_example])) for k in metrics.DISTANCES},
-        "si_snr_db": float(np.mean([min(e["si_snr_db"], 200.0) for e in per_example])),
+        "si_snr_db": float(np.mean([metrics.capped_snr_db(e["si_snr_db"]) for e in per_example])),
     }
     return per_example, aggregate
 
 
 def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
     """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract)."""
-    from runtime_py.runners import runtime_unavailable
+    from runtime_py.runners import runtime_unavailable, version_check
 
     bundle = Path(bundle)
     report = {"format_version": REPORT_FORMAT_VERSION, "bundle": str(bundle), "target": None,
@@ -167,9 +167,22 @@ def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None 
     if why is not None:
         report.update(status="unavailable", reason=why)
         return report
+    check = version_check(target, (manifest.get("runtime") or {}).get("version_at_export"))
+    report["runtime_version"] = check
+    if check["status"] == "warning":
+        report.setdefault("warnings", []).append(
+            f"runtime version: exported for {check['exported_for']}, running on {check['device']}")
+    elif check["status"] == "error":
+        report.update(status="fail", reason=f"runtime version: {check['note']} (exported for "
+                                            f"{check['exported_for']}, this device has {check['device']})")
+        return report
 
-    pipe = Pipeline(bundle, manifest, threads=threads)
-    inputs, ref = load_reference(bundle, manifest)
+    pipe = DevicePipeline(bundle, manifest, threads=threads)
+    try:
+        inputs, ref = load_reference(bundle, manifest)
+    except (OSError, KeyError, ValueError) as exc:
+        report["reason"] = f"{bundle / manifest['reference']['inputs']}: cannot read the reference ({exc})"
+        return report
     sr = manifest["audio"]["sample_rate"]
     per_example, aggregate = quality_against_reference(pipe, inputs, ref, sr)
     report["quality"] = {"per_example": per_example, "aggregate": aggregate}
