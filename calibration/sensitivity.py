@@ -27,7 +27,7 @@ import torch
 from calibration.fakequant import activation_ranges, quantizable_leaves, quantized_copy
 from calibration.precision import PRECISIONS
 from calibration.sampling import load_calibration_set
-from runtime_py.metrics import log_mel_l1, snr_db
+from runtime_py.metrics import capped_snr_db, log_mel_l1, snr_db
 from toolkit.atomic import write_text_atomically
 from toolkit.checkpoint import Pipeline
 from toolkit.generate import decode_latent, sample_latent
@@ -59,12 +59,11 @@ def _render(pipeline: Pipeline, denoiser, cond, noise, *, steps, guidance):
     return latent.numpy(), decode_latent(pipeline, latent).numpy()
 
 
-MAX_SNR_DB = 200.0  # an unchanged output has infinite SNR; JSON has no infinity
 
 
 def _loss(ref_latent, ref_audio, latent, audio, sample_rate) -> dict[str, float]:
     return {
-        "latent_snr_db": float(np.mean([min(snr_db(r, t), MAX_SNR_DB) for r, t in zip(ref_latent, latent)])),
+        "latent_snr_db": float(np.mean([capped_snr_db(snr_db(r, t)) for r, t in zip(ref_latent, latent)])),
         "log_mel_l1": float(np.mean([log_mel_l1(r, t, sample_rate) for r, t in zip(ref_audio, audio)])),
     }
 

@@ -31,15 +31,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-TARGETS: dict[str, str] = {
-    "executorch": "targets.executorch",
-    "onnx": "targets.onnx",
-    "tensorrt": "targets.tensorrt",
-    "coreml": "targets.coreml",
-}
+@dataclass(frozen=True)
+class Target:
+    """One row of the toolkit's target table.
 
-PRECISIONS = ("fp32", "fp16")
+    ``module``: the export module (the surface in the module doc); ``file_suffix``: what its
+    component files end with; ``runtime_distribution``: the package whose version a bundle records
+    as the runtime it was exported for. The device side keeps its own row per target in
+    ``runtime_py.runners.RUNTIMES`` (runtime_py never imports this package); a test checks that
+    the two tables agree, and :func:`register_target` adds a target to both at once.
+    """
 
+    name: str
+    module: str
+    file_suffix: str
+    runtime_distribution: str
+
+    def bundle_name(self, model: str, precision: str) -> str:
+        """``<model>-<target>[-<applied precision>]``; fp32 is the unsuffixed default."""
+        return f"{model}-{self.name}" + ("" if precision == "fp32" else f"-{precision}")
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("executorch", "targets.executorch", ".pte", "executorch"),
+    Target("onnx", "targets.onnx", ".onnx", "onnxruntime"),
+    Target("tensorrt", "targets.tensorrt", ".onnx", "tensorrt"),
+    Target("coreml", "targets.coreml", ".mlpackage", "coremltools"),
+)}
+
+# Whole-model float precisions an export takes without a plan (a plan sets each layer instead).
+EXPORT_PRECISIONS = ("fp32", "fp16")
+
+
+def register_target(target: Target, runtime) -> None:
+    """Add a target to the toolkit's table and its device-side row (``runtime_py.runners.TargetRuntime``)
+    to runtime_py's, in one call: export, verify, the matrix and the CLI then all see it."""
+    from runtime_py.runners import RUNTIMES
+
+    if runtime.name != target.name or runtime.file_suffix != target.file_suffix \
+            or runtime.distribution != target.runtime_distribution:
+        raise ValueError(f"target {target.name!r}: the toolkit row and the runtime row disagree "
+                         f"({target} vs {runtime})")
+    TARGETS[target.name] = target
+    RUNTIMES[runtime.name] = runtime
+
+
+def unregister_target(name: str) -> None:
+    """Undo :func:`register_target` (tests)."""
+    from runtime_py.runners import RUNTIMES
+
+    TARGETS.pop(name, None)
+    RUNTIMES.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -58,10 +100,10 @@ class ComponentArtifact:
 
 
 def get_target(name: str) -> ModuleType:
-    """The target module called ``name`` (imports it; its SDK is still imported lazily)."""
+    """The export module of target ``name`` (imports it; its SDK is still imported lazily)."""
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose one of {', '.join(sorted(TARGETS))}")
-    return importlib.import_module(TARGETS[name])
+    return importlib.import_module(TARGETS[name].module)
 
 
 def check_export_args(target: str, *, precision: str, plan: dict | None,
@@ -69,8 +111,8 @@ def check_export_args(target: str, *, precision: str, plan: dict | None,
     """The checks every ``export`` starts with (see the module doc for ``plan`` and ``calib``)."""
     from calibration.precision import LayerPrecision
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"{target}: precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"{target}: precision must be one of {EXPORT_PRECISIONS}, got {precision!r}")
     if plan is None:
         if calib is not None:
             raise ValueError(f"{target}: calibration data without a plan would be ignored; pass a plan too")

@@ -48,10 +48,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from targets import ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
+from targets import TARGETS, ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
 
 NAME = "coreml"
-FILE_SUFFIX = ".mlpackage"
+FILE_SUFFIX = TARGETS[NAME].file_suffix
 DEPLOYMENT_TARGET = "iOS18"  # ct.target.iOS18 == macOS15
 LAYER_OP_TYPES = ("conv", "conv_transpose", "linear")  # the MIL ops of Conv1d, ConvTranspose1d, Linear
 INT4_BLOCK_SIZE = 32  # input channels sharing one int4 scale

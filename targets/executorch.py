@@ -59,10 +59,10 @@ import operator
 from collections import Counter
 from pathlib import Path
 
-from targets import ComponentArtifact, check_export_args, replace_into
+from targets import TARGETS, ComponentArtifact, check_export_args, replace_into
 
 NAME = "executorch"
-FILE_SUFFIX = ".pte"
+FILE_SUFFIX = TARGETS[NAME].file_suffix
 BACKEND = "XnnpackBackend"
 # Name of the constant method that holds the tensor names (see the module docstring).
 IO_NAMES_METHOD = "io_names"

@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from targets import ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
+from targets import TARGETS, ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
 
 NAME = "onnx"
-FILE_SUFFIX = ".onnx"
+FILE_SUFFIX = TARGETS[NAME].file_suffix
 OPSET = 21
 FALLBACK_OPSET = 18
 # Protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.

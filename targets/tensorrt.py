@@ -49,10 +49,10 @@ import pprint
 from collections.abc import Sequence
 from pathlib import Path
 
-from targets import ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
+from targets import TARGETS, ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
 
 NAME = "tensorrt"
-FILE_SUFFIX = ".onnx"
+FILE_SUFFIX = TARGETS[NAME].file_suffix
 ENGINE_SUFFIX = ".plan"
 BUILD_SCRIPT = "build_engines.py"
 OPSET = 18

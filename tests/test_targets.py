@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from runtime_py.runners import (
-    RUNNERS,
+    RUNTIMES,
     RuntimeUnavailable,
     load_runner,
     runtime_unavailable,
@@ -117,7 +117,7 @@ def coreml_bundle(specs, tmp_path_factory):
 
 
 def test_table_lists_every_target_with_the_same_surface():
-    assert set(TARGETS) == {"executorch", "onnx", "tensorrt", "coreml"} == set(RUNNERS)
+    assert set(TARGETS) == {"executorch", "onnx", "tensorrt", "coreml"} == set(RUNTIMES)
     for name in TARGETS:
         module = get_target(name)
         assert module.NAME == name

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from runtime_py.bundle import COMPONENTS  # noqa: F401  (the one list of components, device side)
 from toolkit.checkpoint import Pipeline
 from toolkit.models.oobleck import fold_for_export
-
-COMPONENTS = ("vae_encoder", "denoiser", "vae_decoder")
 
 
 class VAEEncoderExport(nn.Module):

@@ -16,7 +16,6 @@ from toolkit.bundle import export_bundle
 from toolkit.checkpoint import Pipeline
 from toolkit.report import write_matrix
 
-ALL_TARGETS = ("executorch", "onnx", "tensorrt", "coreml")
 VERIFY_TIMEOUT_S = 600
 
 
@@ -35,9 +34,12 @@ def verify_in_subprocess(bundle: Path, report: Path, *, runs: int, warmup: int,
     return json.loads(report.read_text())
 
 
-def run_matrix(pipeline: Pipeline, out: Path, *, targets: tuple[str, ...] = ALL_TARGETS,
+def run_matrix(pipeline: Pipeline, out: Path, *, targets: tuple[str, ...] | None = None,
                steps: int | None = None, runs: int = 3, warmup: int = 1,
                log=print) -> dict:
+    from targets import TARGETS
+
+    targets = tuple(TARGETS) if targets is None else targets
     out = Path(out)
     bundles_dir, reports_dir = out / "bundles", out / "reports"
     reports_dir.mkdir(parents=True, exist_ok=True)

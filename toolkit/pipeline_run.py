@@ -45,9 +45,9 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int, seed: int,
         "beat_alignment": beat_alignment(acc, pipe.sample_rate, labels),
         "outputs": {"vocals": str(out / "vocals.wav"), "accompaniment": str(out / "accompaniment.wav")},
     }
-    from toolkit.matrix import ALL_TARGETS, run_matrix
+    from toolkit.matrix import run_matrix
 
-    summary["matrix"] = run_matrix(pipe, out, targets=targets or ALL_TARGETS, steps=steps, runs=runs,
+    summary["matrix"] = run_matrix(pipe, out, targets=targets, steps=steps, runs=runs,
                                    log=log)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
