@@ -95,13 +95,13 @@ def _validate(manifest: dict, *, source: str) -> None:
 
 def _check_target_files(manifest: dict, *, source: str) -> None:
     """The target is one this runtime knows, and every component file is of that target's kind."""
-    from runtime_py.runners import RUNTIMES
+    from runtime_py.runners import runtimes
 
-    target = manifest["target"]
-    if target not in RUNTIMES:
+    target, known = manifest["target"], runtimes()
+    if target not in known:
         raise BundleError(f"{source}: field 'target' is {target!r}; this runtime knows "
-                          f"{', '.join(sorted(RUNTIMES))}")
-    suffix = RUNTIMES[target].file_suffix
+                          f"{', '.join(sorted(known))}")
+    suffix = known[target].file_suffix
     for name in COMPONENTS:
         path = str(manifest["components"][name]["path"])
         if not path.endswith(suffix):

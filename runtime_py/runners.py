@@ -411,9 +411,35 @@ RUNTIMES: dict[str, TargetRuntime] = {
 }
 
 
+# Modules (comma-separated) that add targets to the tables when imported, on both sides: a plugin
+# calls ``targets.register_target`` where the toolkit is installed, else adds its row to RUNTIMES.
+PLUGINS_ENV = "ADM_EDGE_TARGET_PLUGINS"
+_plugins_loaded: set[str] = set()
+
+
+def load_target_plugins() -> None:
+    """Import the plugin modules named in ``$ADM_EDGE_TARGET_PLUGINS`` (once each)."""
+    import importlib
+    import os
+
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if name not in _plugins_loaded:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise RuntimeError(f"${PLUGINS_ENV}: cannot import target plugin {name!r} ({exc})") from None
+            _plugins_loaded.add(name)
+
+
+def runtimes() -> dict[str, TargetRuntime]:
+    """The device-side table, plugins included."""
+    load_target_plugins()
+    return RUNTIMES
+
+
 def get_runtime(target: str) -> TargetRuntime:
     """The table entry of ``target``; an unknown name is a ValueError listing the choices."""
-    if target not in RUNTIMES:
+    if target not in runtimes():
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(RUNTIMES))}")
     return RUNTIMES[target]
 

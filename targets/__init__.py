@@ -99,9 +99,17 @@ class ComponentArtifact:
     details: dict = field(default_factory=dict)
 
 
+def target_names() -> tuple[str, ...]:
+    """Every target, plugins (``$ADM_EDGE_TARGET_PLUGINS``) included, in table order."""
+    from runtime_py.runners import load_target_plugins
+
+    load_target_plugins()
+    return tuple(TARGETS)
+
+
 def get_target(name: str) -> ModuleType:
     """The export module of target ``name`` (imports it; its SDK is still imported lazily)."""
-    if name not in TARGETS:
+    if name not in target_names():
         raise ValueError(f"unknown target {name!r}; choose one of {', '.join(sorted(TARGETS))}")
     return importlib.import_module(TARGETS[name].module)
 

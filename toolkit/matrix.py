@@ -37,9 +37,9 @@ def verify_in_subprocess(bundle: Path, report: Path, *, runs: int, warmup: int,
 def run_matrix(pipeline: Pipeline, out: Path, *, targets: tuple[str, ...] | None = None,
                steps: int | None = None, runs: int = 3, warmup: int = 1,
                log=print) -> dict:
-    from targets import TARGETS
+    from targets import target_names
 
-    targets = tuple(TARGETS) if targets is None else targets
+    targets = target_names() if targets is None else targets
     out = Path(out)
     bundles_dir, reports_dir = out / "bundles", out / "reports"
     reports_dir.mkdir(parents=True, exist_ok=True)
