@@ -81,13 +81,22 @@ def _generate(args: argparse.Namespace) -> int:
     from toolkit.checkpoint import load_checkpoint
     from toolkit.data.stems import read_audio
     from toolkit.generate import generate_accompaniment
+    from toolkit.models.litefocus import LiteFocusConfig
 
     pipe = load_checkpoint(args.checkpoint)
     vocals = read_audio(Path(args.vocals), sample_rate=pipe.sample_rate, channels=pipe.audio_channels)
     steps = args.steps or pipe.config.default_steps
     guidance = pipe.config.default_guidance if args.guidance is None else args.guidance
+    litefocus = None
+    if args.attention == "litefocus":
+        litefocus = LiteFocusConfig(ratio=0.1 if args.compensation is None else args.compensation,
+                                    band=args.focus_band, lags=tuple(args.focus_lags), seed=args.seed)
+    elif args.compensation is not None or args.focus_band is not None or args.focus_lags:
+        raise ValueError("--compensation, --focus-band and --focus-lags apply to --attention litefocus")
     t0 = time.time()
-    acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=args.seed)
+    stats: dict = {}
+    acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=args.seed, mode=args.mode,
+                                 litefocus=litefocus, max_frames=args.max_frames, stats=stats)
     rate = sf.info(str(args.vocals)).samplerate
     if rate != pipe.sample_rate:  # hand back audio at the vocal's rate, sample for sample as long
         from fractions import Fraction
@@ -105,6 +114,11 @@ def _generate(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"wrote {out} ({acc.shape[-1] / rate:.2f} s, {steps} steps, guidance "
           f"{guidance}) in {time.time() - t0:.1f} s")
+    att = stats["attention_scores_mib"]
+    print(f"mode {stats['mode']}: {stats['latent_frames']} latent frames (trained at {stats['training_frames']}), "
+          f"denoiser calls of {stats['denoiser_call_frames']} frames with {stats['attention']} attention; "
+          f"peak RSS {stats['peak_rss_mib']:.0f} MiB, largest attention scores {att['global_attention']:.1f} MiB "
+          f"global, {att['cross_attention']:.1f} MiB cross")
     return 0
 
 
@@ -269,6 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the checkpoint's)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mode", choices=["onepass", "windows", "segments"], default="onepass",
+                   help="onepass: the whole vocal as one latent (one song, one tempo and key; memory grows "
+                        "with length); windows: overlapping training-length windows averaged at every step "
+                        "(MultiDiffusion; bounded memory, slower); segments: independent training-length "
+                        "segments (the old baseline: seams can change tempo and key)")
+    s.add_argument("--max-frames", type=int, default=8192,
+                   help="onepass refuses latents longer than this many frames (8192: 262 s on the demo, "
+                        "6.3 min on the paper config); raise it if memory allows")
+    s.add_argument("--attention", choices=["dense", "litefocus"], default="dense",
+                   help="global self-attention beyond the training length: dense, or LiteFocus (seed 002: "
+                        "a band around each frame plus shared random keys; cheaper, not retrained for)")
+    s.add_argument("--compensation", type=float, default=None,
+                   help="LiteFocus r (default 0.1, the paper's): share of all keys every query also sees "
+                        "(eq. 6; higher: closer to dense, slower)")
+    s.add_argument("--focus-band", type=int, default=None,
+                   help="LiteFocus band half-width in bottleneck frames (default: the model's local window)")
+    s.add_argument("--focus-lags", type=int, nargs="*", default=[],
+                   help="LiteFocus periodic lags in bottleneck frames (e.g. a bar), each above the band")
     s.set_defaults(func=_generate)
 
     targets = ["executorch", "onnx", "tensorrt", "coreml", "all"]
