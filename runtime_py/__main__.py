@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     v.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     v.add_argument("--out", type=Path, default=None, help="report JSON (default: BUNDLE/../<name>.report.json)")
+    v.add_argument("--runner", choices=("native", "python"), default=None,
+                   help="native: the adm-run binary (ExecuTorch bundles; no torch needed); python: the "
+                        "target's Python runtime (default: native where it applies and is built)")
     v.add_argument("--allow-unavailable", action="store_true",
                    help=f"exit 0 when this host cannot run the bundle's target (default: exit "
                         f"{EXIT_UNAVAILABLE}, so a CI leg that lacks its runtime is not green)")
@@ -30,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime_py.verify import verify, write_report
 
-    report = verify(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads)
+    report = verify(args.bundle, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                    runner=args.runner)
     out = args.out or args.bundle.parent / f"{args.bundle.name}.report.json"
     write_report(report, out)
     e2e = report.get("end_to_end") or {}
     agg = (report.get("quality") or {}).get("aggregate") or {}
     print(json.dumps({"status": report["status"], "reason": report["reason"], "report": str(out),
+                      "runner": report.get("runner"),
                       "e2e_p50_ms": e2e.get("p50_ms"), "real_time_factor": e2e.get("real_time_factor"),
                       "latent_snr_db": agg.get("latent_snr_db")}, indent=2))
     if report["status"] == "unavailable":

@@ -147,8 +147,14 @@ def quality_against_reference(pipe, inputs: dict, ref: dict, sample_rate: int) -
     return per_example, aggregate
 
 
-def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None) -> dict:
-    """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract)."""
+def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None,
+           runner: str | None = None) -> dict:
+    """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract).
+
+    ``runner``: 'native' (adm-run, ExecuTorch bundles), 'python' (the target's Python runtime) or
+    None: native where it applies and is built (runtime_py.native), else python. The report's
+    ``runner`` says which produced the figures.
+    """
     from runtime_py.runners import runtime_unavailable, version_check
 
     bundle = Path(bundle)
@@ -163,6 +169,15 @@ def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None 
     target = manifest["target"]
     report.update(target=target, model=manifest["model"], precision=manifest["precision"],
                   device=device_info(target, threads), budget={"limits": manifest["quality_budget"]})
+    from runtime_py import native
+
+    try:
+        report["runner"] = native.choose_runner(target, runner)
+    except native.NativeRunnerError as exc:
+        report.update(runner=runner, status="unavailable", reason=str(exc))
+        return report
+    if report["runner"] == "native":
+        return native.verify_native(bundle, manifest, report, runs=runs, warmup=warmup, threads=threads)
     why = runtime_unavailable(target)
     if why is not None:
         report.update(status="unavailable", reason=why)
