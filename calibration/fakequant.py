@@ -182,15 +182,25 @@ def activation_ranges(model: nn.Module, calib, *, layers: Iterable[str] | None =
 
 
 def quantized_copy(model: nn.Module, assignment: dict[str, LayerPrecision],
-                   ranges: dict[str, tuple[float, float]] | None = None) -> nn.Module:
+                   ranges: dict[str, tuple[float, float]] | None = None, *,
+                   rounding: dict | None = None) -> nn.Module:
     """A deep copy of ``model`` with each named layer (leaf or composite) fake-quantized.
 
     Integer activations need ``ranges`` for every leaf they cover (from :func:`activation_ranges`).
+    ``rounding`` ({leaf FQN: {width: calibration.gptq.LayerRounding}}, default: the assignment's
+    own ``rounding`` when it is a ``calibration.plan.PlanAssignment``): those layers get the plan's
+    chosen integers times their scales (GPTQ) instead of round-to-nearest.
     """
+    if rounding is None:
+        rounding = getattr(assignment, "rounding", None)
     q = copy.deepcopy(model)
     for name, prec in assignment.items():
         for leaf_name, leaf in resolve_layers(q, [name]).items():
-            if prec.weights in WEIGHT_BITS and prec.granularity == "palette":
+            chosen = (rounding or {}).get(leaf_name, {}).get(prec.weights)
+            if chosen is not None:
+                with torch.no_grad():
+                    leaf.weight.copy_(chosen.dequantize())
+            elif prec.weights in WEIGHT_BITS and prec.granularity == "palette":
                 with torch.no_grad():
                     leaf.weight.copy_(fake_palettize_weight(leaf.weight, WEIGHT_BITS[prec.weights]))
             elif prec.weights in WEIGHT_BITS:

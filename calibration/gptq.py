@@ -38,7 +38,7 @@ Conv1d of its zero-stuffed input with the kernel flipped and in/out swapped. Con
 Grouped convolutions are not handled (none in the model families here).
 
 Hessians come from one pass of the full-precision model over the PTQ4ADM calibration inputs of the
-component (``toolkit.bundle.calibration_feeds``, the same inputs the targets calibrate with),
+component (``calibration.feeds.calibration_feeds``, the same inputs the targets calibrate with),
 through forward pre-hooks on every planned leaf, accumulated in float64. The paper quantizes
 sequentially (later blocks see earlier blocks' quantized outputs); here every layer sees
 full-precision inputs (as torchao's observe step does), one model pass for all layers.
@@ -465,8 +465,8 @@ def round_plan(pipeline, plan: dict, calib_dir: Path, plan_path: Path, *, compon
                block_size: int = DEFAULT_BLOCK_SIZE, show_progress: bool = False) -> dict:
     """GPTQ-round the integer layers of ``plan``'s components; write ``<plan>.<component>.gptq.safetensors``
     next to ``plan_path``; return the plan's ``rounding`` section (files, hashes, settings, figures)."""
+    from calibration.feeds import calibration_feeds
     from calibration.plan import component_assignment
-    from toolkit.bundle import calibration_feeds
     from toolkit.components import component_specs
 
     t0 = time.time()

@@ -268,7 +268,26 @@ def component_assignment(plan: dict, component: str, module, *, source: str = "p
             entry = next((v for k, v in overrides.items()
                           if k.startswith("re:") and re.fullmatch(k[3:], name)), None)
         out[name] = LayerPrecision.from_dict(entry) if entry is not None else default
-    return out
+    rounding = None
+    if (plan.get("rounding") or {}).get("method", "rtn") != "rtn":
+        from calibration.gptq import load_rounding
+
+        rounding = load_rounding(plan, component)
+    return PlanAssignment(out, rounding=rounding)
+
+
+class PlanAssignment(dict):
+    """One component's FQN → LayerPrecision, with the integers the plan chose for its weights.
+
+    ``rounding``: {FQN: {width: calibration.gptq.LayerRounding}} when the plan was rounded with
+    GPTQ (``toolkit plan --rounding gptq``), else None (round-to-nearest: each target rounds the
+    float weights itself). A target applies these integers and scales, never a fresh rounding, or
+    refuses the plan.
+    """
+
+    def __init__(self, entries, *, rounding: dict | None = None):
+        super().__init__(entries)
+        self.rounding = rounding
 
 
 def vae_decoder_section(preset: str, layers: list[str]) -> dict:
@@ -323,6 +342,9 @@ def make_plan(preset: str, sizes: dict[str, dict[str, int]], fp32_bytes: int, *,
         "layers": {n: {**assign[n].to_dict(), "weight_params": sizes[n]["weight_params"]} for n in sizes},
         "components": ({"vae_decoder": vae_decoder_section(preset, vae_decoder_layers)}
                        if vae_decoder_layers is not None else {}),
+        # How the integer weights are chosen: "rtn" (each target rounds to nearest) or "gptq" (the
+        # integers are in files this section names; calibration.gptq.round_plan fills it in).
+        "rounding": {"method": "rtn"},
     }
 
 
@@ -343,6 +365,12 @@ def _plan_command(args: argparse.Namespace) -> int:
             calib_manifest = Path(calib_dir) / "manifest.json"
             if calib_manifest.is_file():
                 checkpoint = json.loads(calib_manifest.read_text()).get("checkpoint")
+    needs_calib = args.rounding == "gptq" or args.search == "autotune"
+    if needs_calib and args.calib is None:
+        raise ValueError("--rounding gptq and --search autotune need --calib DIR (toolkit calibrate): GPTQ's "
+                         "Hessians and autotune's trials run the calibration inputs")
+    if checkpoint is None and args.calib is not None and (Path(args.calib) / "manifest.json").is_file():
+        checkpoint = json.loads((Path(args.calib) / "manifest.json").read_text()).get("checkpoint")
     pipe = load_checkpoint(Path(checkpoint) if checkpoint else None)
     sizes, fp32_bytes = layer_sizes(pipe.denoiser)
     if sensitivity is not None and set(sensitivity["layers"]) - set(sizes):
@@ -350,13 +378,28 @@ def _plan_command(args: argparse.Namespace) -> int:
                          f"{sorted(set(sensitivity['layers']) - set(sizes))[:3]} are not in "
                          f"{pipe.path}); pass --checkpoint")
     decoder_layers = list(quantizable_leaves(component_specs(pipe)["vae_decoder"].module))
-    plan = make_plan(args.preset, sizes, fp32_bytes, budget=parse_budget(args.budget), sensitivity=sensitivity,
-                     sensitivity_source=args.sensitivity, model=pipe.config.name, min_snr_db=args.min_snr_db,
-                     vae_decoder_layers=decoder_layers)
+    if args.search == "autotune":
+        from calibration.autotune import autotune_plan  # imports neural-compressor
+
+        plan = autotune_plan(pipe, args.preset, Path(args.calib), budget=parse_budget(args.budget),
+                             sensitivity=sensitivity, sensitivity_source=args.sensitivity,
+                             min_snr_db=args.min_snr_db, max_trials=args.max_trials,
+                             n_eval=args.eval_examples, vae_decoder_layers=decoder_layers)
+    else:
+        plan = make_plan(args.preset, sizes, fp32_bytes, budget=parse_budget(args.budget), sensitivity=sensitivity,
+                         sensitivity_source=args.sensitivity, model=pipe.config.name, min_snr_db=args.min_snr_db,
+                         vae_decoder_layers=decoder_layers)
+    if args.rounding == "gptq":
+        from calibration.gptq import round_plan
+
+        plan["rounding"] = round_plan(pipe, plan, Path(args.calib), Path(args.out),
+                                      group_size=args.gptq_group_size, percdamp=args.gptq_percdamp)
     out = write_text_atomically(Path(args.out), json.dumps(plan, indent=1) + "\n")
     print(json.dumps({"out": str(out), "default": plan["default"], "overrides": len(plan["overrides"]),
                       "budget": plan["budget"], "moves": len(plan["search"]["moves"]),
-                      "predicted_latent_snr_db": plan["search"]["predicted_latent_snr_db"]}, indent=2))
+                      "predicted_latent_snr_db": plan["search"]["predicted_latent_snr_db"],
+                      "rounding": {k: v for k, v in plan["rounding"].items() if k in ("method", "seconds")}},
+                     indent=2))
     return 0
 
 
@@ -373,6 +416,24 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                         "(higher: closer to fp32, bigger and slower)")
     s.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint for the layer list (default: the sensitivity table's, else demo)")
+    s.add_argument("--calib", default=None,
+                   help="calibration set (toolkit calibrate); needed by --rounding gptq and --search autotune")
+    s.add_argument("--rounding", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: each target rounds the weights to nearest; gptq: integers chosen by GPTQ on the "
+                        "calibration inputs, written next to the plan and applied by every target (slower to "
+                        "plan, lower layer output error)")
+    s.add_argument("--gptq-group-size", type=int, default=None,
+                   help="with --rounding gptq: one int4 scale per group of this many input columns "
+                        "(default: one per output channel; targets that take only per-channel int4 refuse groups)")
+    s.add_argument("--gptq-percdamp", type=float, default=0.01,
+                   help="with --rounding gptq: dampening, as a fraction of the Hessian's mean diagonal")
+    s.add_argument("--search", choices=("greedy", "autotune"), default="greedy",
+                   help="greedy: over measured one-layer losses (needs --sensitivity to be data-driven); "
+                        "autotune: neural-compressor's accuracy-aware tuning loop, one sampled evaluation per "
+                        "trial (slower, measures plans end to end)")
+    s.add_argument("--max-trials", type=int, default=12, help="with --search autotune: trials at most")
+    s.add_argument("--eval-examples", type=int, default=4,
+                   help="with --search autotune: calibration examples sampled per trial")
     s.add_argument("--out", required=True, help="plan JSON to write")
     s.set_defaults(func=_plan_command)
     return s

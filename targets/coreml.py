@@ -502,6 +502,11 @@ def weight_bytes(package: Path) -> int:
 def export(spec, *, precision: str, plan: dict | None, calib: list | None,
            out_dir: Path) -> ComponentArtifact:
     check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
+    if getattr(plan, "rounding", None):  # GPTQ (calibration.gptq): not lowered here yet
+        raise ValueError(f"{NAME}: this plan's weights were rounded with GPTQ (toolkit plan --rounding gptq), "
+                         "and the Core ML target does not yet apply a plan's chosen integers (its "
+                         "compression would round the float weights again); export it to executorch or "
+                         "onnx, or make an RTN plan for Core ML")
     import coremltools as ct
     import numpy as np
     import torch

@@ -302,7 +302,70 @@ def quantize_pt2e(spec, plan: dict, calib: list):
             prepared(*inputs)
     converted = convert_pt2e(prepared)
     _float_layers_read_float(converted, {n for n, (k, _) in kinds.items() if k == "float"})
+    inject_rounding(converted, plan, kinds)  # GPTQ plans: the plan's integers, not the observers'
     return torch.export.export(converted, tuple(spec.example_inputs)), kinds
+
+
+# --- GPTQ rounding (calibration.gptq): begin ----------------------------------------------------
+
+
+def inject_rounding(graph_module, plan, kinds: dict) -> dict[str, str]:
+    """Put the plan's chosen integer weights and scales (``plan.rounding``, a GPTQ plan's) into the
+    converted graph in place of the ones its observers rounded; returns {FQN: width applied}.
+
+    After ``convert_pt2e`` every integer weight is a frozen int8 constant read by
+    ``dequantize_per_channel(q, scale, zero_point, axis, qmin, qmax)``; those constants are replaced
+    (a Conv1d run as a time-major Linear takes the integers tap-major, as :func:`conv1d_as_linear`
+    lays out its weight). The width comes from the graph (qmin −8: int4), so a layer XNNPACK runs at
+    int8 where the plan asked int4 gets the plan's int8 rounding. A rounded layer whose weight is not
+    dequantized per channel, or a rounding this grid cannot hold (per-group scales), is an error:
+    never a silent re-rounding. RTN plans (no ``rounding``) are left as converted.
+    """
+    from calibration.gptq import rounding_for
+
+    rounding = getattr(plan, "rounding", None)
+    if not rounding:
+        return {}
+    applied: dict[str, str] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or not any(k in str(node.target) for k in ("conv", "linear")):
+            continue
+        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        owner = next((p for p in reversed(stack) if p in plan), None)
+        if owner is None or owner not in rounding or kinds[owner][0] == "float":
+            continue
+        dq = node.args[1]
+        if getattr(dq, "op", None) != "call_function" or "dequantize_per_channel" not in str(dq.target):
+            raise RuntimeError(f"{NAME}: {owner} has a GPTQ rounding but its weight is not dequantized per "
+                               f"channel in the converted graph ({kinds[owner][0]}); cannot apply it")
+        q_node, scale_node, _, axis, qmin, qmax = dq.args[:6]
+        width = "int4" if qmin == -8 else "int8"
+        chosen = rounding_for(rounding, owner, width, target=NAME)
+        if chosen.group_size is not None:
+            raise ValueError(f"{NAME}: {owner}'s rounding has one scale per group of {chosen.group_size}; "
+                             "XNNPACK's quantizer here is per channel (plan with --gptq-group-size unset)")
+        q = chosen.q
+        if stack and stack[-1] == f"{owner}.linear":  # Conv1d as a time-major Linear: (out, k·in)
+            q = q.permute(0, 2, 1).reshape(q.shape[0], -1)
+            channel = 0
+        else:
+            channel = chosen.channel_axis
+        old_q, old_scale = getattr(graph_module, q_node.target), getattr(graph_module, scale_node.target)
+        if tuple(q.shape) != tuple(old_q.shape) or axis != channel or old_scale.shape != chosen.scale.shape:
+            raise RuntimeError(f"{NAME}: {owner}: the rounding's integers {tuple(q.shape)} (axis {channel}) do "
+                               f"not fit the converted weight {tuple(old_q.shape)} (axis {axis})")
+        if int(q.min()) < qmin or int(q.max()) > qmax:
+            raise RuntimeError(f"{NAME}: {owner}: rounding integers outside [{qmin}, {qmax}]")
+        setattr(graph_module, q_node.target, q.to(old_q.dtype).contiguous())
+        setattr(graph_module, scale_node.target, chosen.scale.to(old_scale.dtype).contiguous())
+        applied[owner] = width
+    missing = [n for n in rounding if n in plan and kinds.get(n, ("float",))[0] != "float" and n not in applied]
+    if missing:
+        raise RuntimeError(f"{NAME}: no integer weight found in the converted graph for rounded layers {missing[:5]}")
+    return applied
+
+
+# --- GPTQ rounding: end -------------------------------------------------------------------------
 
 
 def _float_layers_read_float(graph_module, float_layers: set[str]) -> None:

@@ -166,6 +166,84 @@ def save_model(model, path: Path) -> bool:
     return external
 
 
+# --- GPTQ rounding (calibration.gptq): begin ----------------------------------------------------
+
+
+def apply_rounding(model, plan, quantized) -> dict[str, str]:
+    """Write the plan's chosen integers and scales (``plan.rounding``, a GPTQ plan's) into the weight
+    DequantizeLinear initialisers of the quantized graph, in place; returns {FQN: width applied}.
+
+    ``quantized`` is :func:`targets.qdq.quantize_plan`'s result (its per-layer node names and what
+    it applied). The width is read from the initialiser (INT8 or INT4), so a layer the graph holds
+    at int8 where the plan asked int4 (no INT4 convolution) gets the plan's int8 rounding. Layouts:
+    Conv (out, in, k) and ConvTranspose (in, out, k) as the module's weight; Gemm(transB) (out, in);
+    MatMul [K, N] transposed; INT4 blocks along K take the per-channel scale in every block (or a
+    per-group rounding whose group is the block). Anything that does not fit is an error, never a
+    re-rounding. RTN plans (no ``rounding``) are left as quantized.
+    """
+    rounding = getattr(plan, "rounding", None)
+    if not rounding:
+        return {}
+    import ml_dtypes
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.gptq import rounding_for
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    applied: dict[str, str] = {}
+    for layer, rows in quantized.details["nodes"].items():
+        if layer not in rounding or quantized.applied[layer][0].weights not in ("int8", "int4"):
+            continue
+        for row in rows:
+            node = by_name[row["node"]]
+            dq = producers.get(node.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                raise RuntimeError(f"{NAME}: {layer} has integer weights but no weight DequantizeLinear")
+            q_init, s_init = inits[dq.input[0]], inits[dq.input[1]]
+            width = {"INT8": "int8", "INT4": "int4"}.get(TensorProto.DataType.Name(q_init.data_type))
+            if width is None:
+                raise RuntimeError(f"{NAME}: {layer}: weight integers of type "
+                                   f"{TensorProto.DataType.Name(q_init.data_type)}; the rounding is int8/int4")
+            chosen = rounding_for(rounding, layer, width, target=NAME)
+            attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+            block = int(attrs.get("block_size", 0))
+            dims, s_dims = list(q_init.dims), list(s_init.dims)
+            q, scale = chosen.q.numpy(), chosen.scale.numpy()
+            if list(q.shape) != dims and q.ndim == 2 and list(q.T.shape) == dims:
+                q = q.T  # MatMul [K, N]
+            if list(q.shape) != dims:
+                raise RuntimeError(f"{NAME}: {layer}: rounding {list(chosen.q.shape)} does not fit the "
+                                   f"initialiser {dims}")
+            if block:
+                k = dims[0]
+                if chosen.group_size is None:
+                    scale = np.repeat(scale[None, :], k // block, axis=0)
+                elif chosen.group_size == block:
+                    scale = scale.T
+                else:
+                    raise ValueError(f"{NAME}: {layer}: int4 blocks of {block} here, rounding groups of "
+                                     f"{chosen.group_size}; plan with --gptq-group-size {block} or unset")
+            elif chosen.group_size is not None:
+                raise ValueError(f"{NAME}: {layer}: a per-group rounding on a per-channel DequantizeLinear")
+            if list(scale.shape) != s_dims:
+                raise RuntimeError(f"{NAME}: {layer}: rounding scales {list(scale.shape)} do not fit {s_dims}")
+            q_init.CopyFrom(numpy_helper.from_array(
+                q.astype(np.int8 if width == "int8" else ml_dtypes.int4), q_init.name))
+            s_init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(scale, np.float32), s_init.name))
+            applied[layer] = width
+    missing = [n for n in rounding if n in quantized.applied
+               and quantized.applied[n][0].weights in ("int8", "int4") and n not in applied]
+    if missing:
+        raise RuntimeError(f"{NAME}: rounded layers {missing[:5]} were not found in the quantized graph")
+    return applied
+
+
+# --- GPTQ rounding: end -------------------------------------------------------------------------
+
+
 def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
            out_dir: Path) -> ComponentArtifact:
     check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
@@ -186,6 +264,9 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
                                         weight_only_int8=True, symmetric_activations=False)
         model = quantized.model
         opset = qdq.opset_of(model)
+        rounded = apply_rounding(model, plan, quantized)  # GPTQ plans: the plan's integers
+        quantized.details["rounding"] = ({"method": "gptq", "layers": rounded} if rounded
+                                         else {"method": "rtn"})
 
     name = f"{spec.name}{FILE_SUFFIX}"
     external: list[bool] = []

@@ -130,3 +130,159 @@ def test_round_layers_writes_and_reads_back_every_width(tmp_path):
         gptq.read_rounding(tmp_path / "r.safetensors", sha256="0" * 64)
     with pytest.raises(ValueError, match="holds"):
         gptq.rounding_for(back, "2", "int4", target="test")
+
+
+# ------------------------------------------------------------------- the rounding through the targets
+
+
+def _pte_integer_weights(path) -> list[dict]:
+    """Every channelwise int8 / int4 weight inside the XNNPACK delegates of a .pte, read from the
+    file: integers (int4 unpacked: low nibble first, stored with an offset of 8) and scales."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from executorch.backends.xnnpack.serialization import xnnpack_graph_serialize as xnn
+    from executorch.exir._serialize._flatbuffer import _get_flatc_path
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(Path(path).read_bytes())
+    named = pte.named_data
+
+    def data(key):
+        return bytes(named.buffers[named.pte_data[key].buffer_index])
+
+    schema = Path(xnn.__file__).parent / "schema.fbs"
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for delegate in pte.program.backend_delegate_data:
+            blob = delegate.data
+            header = xnn.XNNHeader.from_bytes(blob[:xnn.XNNHeader.EXPECTED_LENGTH])
+            (Path(tmp) / "g.bin").write_bytes(
+                blob[header.flatbuffer_offset:header.flatbuffer_offset + header.flatbuffer_size])
+            subprocess.run([_get_flatc_path(), "--json", "--strict-json", "--raw-binary", "-o", tmp, str(schema),
+                            "--", str(Path(tmp) / "g.bin")], check=True, capture_output=True)
+            graph = json.loads((Path(tmp) / "g.json").read_text())
+            constants = graph.get("constant_data", [])
+            for value in graph["xvalues"]:
+                if value["xvalue_union_type"] != "XNNQuantizedTensorValue":
+                    continue
+                tensor = value["xvalue_union"]["tensor_value"]
+                kind = tensor.get("datatype")
+                if not tensor.get("constant_buffer_idx") or kind not in ("xnn_datatype_qcint8", "xnn_datatype_qcint4"):
+                    continue
+                raw = np.frombuffer(data(constants[tensor["constant_buffer_idx"]]["named_key"]), np.uint8)
+                if kind == "xnn_datatype_qcint4":
+                    q = np.stack([raw & 15, raw >> 4], -1).reshape(-1).astype(np.int16) - 8
+                else:
+                    q = raw.view(np.int8).astype(np.int16)
+                params = value["xvalue_union"]["quant_params"]
+                scale = np.frombuffer(data(constants[params["scale_buffer_idx"]]["named_key"]), np.float32)
+                out.append({"kind": kind, "q": q.reshape(tensor["dims"]), "scale": scale})
+    return out
+
+
+def _xnnpack_layout(layer, q: torch.Tensor):
+    """The rounding's integers as XNNPACK stores the layer's weight here."""
+    if isinstance(layer, nn.ConvTranspose1d):  # (in, out, k) → (out, k, 1, in)
+        return q.permute(1, 2, 0).unsqueeze(2).numpy()
+    if isinstance(layer, nn.Conv1d):  # run as a time-major Linear: (out, k·in), tap-major
+        return q.permute(0, 2, 1).reshape(q.shape[0], -1).numpy()
+    return q.numpy()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.lin = nn.Linear(64, 16)  # K = 64: an INT4 block in ONNX
+        self.up = nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1)
+
+    def forward(self, x, c):
+        y = self.conv(x) + self.lin(c).unsqueeze(-1)
+        return self.up(torch.nn.functional.silu(y))
+
+
+def _rounded_block():
+    from calibration.plan import PlanAssignment
+    from calibration.precision import LayerPrecision
+    from toolkit.components import ComponentSpec
+
+    torch.manual_seed(0)
+    module = _Block().eval()
+    spec = ComponentSpec("block", module, (torch.randn(1, 8, 32), torch.randn(1, 64)), ("x", "c"), ("y",))
+    g = torch.Generator().manual_seed(1)
+    feeds = [(torch.randn(1, 8, 32, generator=g).cumsum(-1) / 4, _correlated_inputs(1, 64, seed=i).float())
+             for i in range(6)]
+    plan = {"conv": LayerPrecision("int4", "int8"), "lin": LayerPrecision("int4", "int8"),
+            "up": LayerPrecision("int4", "int8")}
+    rounding, _ = gptq.round_layers(module, feeds, plan)
+    # RTN would give other integers: otherwise the read-back below proves nothing
+    rtn = gptq.rtn_quantize(gptq.weight_as_linear(module.conv), "int4")
+    assert not torch.equal(gptq.linear_as_weight(module.conv, rtn.q), rounding["conv"]["int4"].q)
+    return spec, PlanAssignment(plan, rounding=rounding), feeds
+
+
+def test_executorch_program_carries_the_gptq_integers_exactly(tmp_path):
+    from targets import get_target
+
+    spec, plan, feeds = _rounded_block()
+    art = get_target("executorch").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=tmp_path)
+    schemes = art.details["lowering"]["schemes"]
+    assert schemes == {"conv": "int4_step", "lin": "int4_step", "up": "int8_static"}
+    stored = _pte_integer_weights(tmp_path / art.path)
+    expected = {"conv": ("xnn_datatype_qcint4", plan.rounding["conv"]["int4"]),
+                "lin": ("xnn_datatype_qcint4", plan.rounding["lin"]["int4"]),
+                # no 4-bit transposed convolution on XNNPACK: the plan's int8 rounding, not a fresh RTN
+                "up": ("xnn_datatype_qcint8", plan.rounding["up"]["int8"])}
+    assert len(stored) == len(expected)
+    for name, (kind, r) in expected.items():
+        want = _xnnpack_layout(spec.module.get_submodule(name), r.q)
+        hits = [s for s in stored if s["kind"] == kind and s["q"].shape == want.shape
+                and (s["q"] == want).all() and (s["scale"] == r.scale.numpy()).all()]
+        assert len(hits) == 1, f"{name}: the .pte does not hold the plan's {kind} integers and scales"
+
+
+def test_onnx_graph_carries_the_gptq_integers_exactly(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from targets import get_target
+
+    spec, plan, feeds = _rounded_block()
+    art = get_target("onnx").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=tmp_path)
+    quant = art.details["quantization"]
+    assert quant["rounding"] == {"method": "gptq", "layers": {"conv": "int8", "lin": "int4", "up": "int8"}}
+    model = onnx.load(str(tmp_path / art.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    for layer, width in quant["rounding"]["layers"].items():
+        r = plan.rounding[layer][width]
+        for row in quant["nodes"][layer]:
+            dq = producers[by_name[row["node"]].input[1]]
+            q, scale = inits[dq.input[0]].astype(np.int16), inits[dq.input[1]]
+            want_q = r.q.numpy() if q.shape == tuple(r.q.shape) else r.q.numpy().T
+            assert np.array_equal(q, want_q), layer
+            want_s = r.scale.numpy() if scale.ndim == 1 else np.repeat(r.scale.numpy()[None], scale.shape[0], 0)
+            assert np.array_equal(scale, want_s), layer
+
+
+def test_core_ml_refuses_a_gptq_plan_rather_than_rounding_again(tmp_path):
+    from targets import get_target
+
+    spec, plan, feeds = _rounded_block()
+    with pytest.raises(ValueError, match="GPTQ"):
+        get_target("coreml").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=tmp_path)
+
+
+def test_fake_quantization_applies_the_plans_integers():
+    from calibration.fakequant import quantized_copy
+
+    spec, plan, _ = _rounded_block()
+    q = quantized_copy(spec.module, plan, {n: (-4.0, 4.0) for n in plan})
+    for name, widths in plan.rounding.items():
+        assert torch.equal(q.get_submodule(name).weight, widths[plan[name].weights].dequantize())
