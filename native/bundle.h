@@ -9,13 +9,9 @@
 
 #include <nlohmann/json.hpp>
 
-namespace adm {
+#include "errors.h"
 
-// The bundle is incomplete, altered or malformed; the message names the file and the field.
-class BundleError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+namespace adm {
 
 inline constexpr int kFormatVersion = 1;  // runtime_py.bundle.FORMAT_VERSION
 inline constexpr const char* kManifest = "manifest.json";

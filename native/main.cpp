@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <string>
@@ -169,12 +170,14 @@ adm::Manifest open_bundle(const std::string& bundle) {
   return m;
 }
 
+int verify_bundle(const Args& a, const adm::Manifest& m, json& report, const std::function<int(int)>& finish);
+
 int verify(const Args& a) {
   json report = adm::empty_report(a.bundle);
   const std::string out =
       a.out.empty() ? (fs::path(a.bundle).parent_path() / (fs::path(a.bundle).filename().string() + ".report.json")).string()
                     : a.out;
-  auto finish = [&](int code) {
+  const std::function<int(int)> finish = [&](int code) {
     adm::write_json(out, report);
     json summary = {{"status", report["status"]}, {"reason", report["reason"]}, {"report", out}, {"runner", "native"}};
     if (report["quality"].contains("aggregate")) summary["latent_snr_db"] = report["quality"]["aggregate"]["latent_snr_db"];
@@ -196,6 +199,18 @@ int verify(const Args& a) {
     std::cerr << "adm-run: error: " << e.what() << std::endl;
     return finish(kExitBadInput);
   }
+  try {
+    return verify_bundle(a, m, report, finish);
+  } catch (const std::exception& e) {
+    // Whatever stops the run, the report says why before adm-run exits non-zero.
+    report["status"] = "fail";
+    report["reason"] = e.what();
+    adm::write_json(out, report);
+    throw;
+  }
+}
+
+int verify_bundle(const Args& a, const adm::Manifest& m, json& report, const std::function<int(int)>& finish) {
   const Reference ref = load_reference(m);
   adm::Pipeline pipe(m, a.threads, !a.etdump.empty());
   report["device"] = adm::device_info(pipe.threads());
@@ -251,6 +266,8 @@ int verify(const Args& a) {
   json lines = json::array(), skipped = json::array();
   const json& budget = m.quality_budget;
   if (budget.contains("latent_snr_db_min")) {
+    if (!budget["latent_snr_db_min"].is_number())
+      throw BundleError(m.source + ": field 'quality_budget.latent_snr_db_min' must be a number");
     const double floor = budget["latent_snr_db_min"].get<double>();
     char limit[64];
     std::snprintf(limit, sizeof limit, ">= %g", floor);
@@ -332,7 +349,7 @@ int main(int argc, char** argv) {
   } catch (const std::invalid_argument& e) {
     std::cerr << "adm-run: error: " << e.what() << "\n\n" << kUsage;
     return kExitBadInput;
-  } catch (const BundleError& e) {
+  } catch (const adm::InputError& e) {
     std::cerr << "adm-run: error: " << e.what() << std::endl;
     return kExitBadInput;
   } catch (const adm::RuntimeFailure& e) {

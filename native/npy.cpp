@@ -12,7 +12,7 @@ namespace {
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot be opened");
+  if (!in) throw InputError(path + ": cannot be opened");
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
@@ -31,15 +31,15 @@ uint64_t le64(const std::string& b, size_t at) {
 // The value text of `'key': value` in a .npy header dict (up to the next top-level comma).
 std::string header_value(const std::string& header, const std::string& key, const std::string& source) {
   size_t at = header.find("'" + key + "'");
-  if (at == std::string::npos) throw std::runtime_error(source + ": .npy header has no '" + key + "' field");
+  if (at == std::string::npos) throw InputError(source + ": .npy header has no '" + key + "' field");
   at = header.find(':', at);
-  if (at == std::string::npos) throw std::runtime_error(source + ": .npy header field '" + key + "' is malformed");
+  if (at == std::string::npos) throw InputError(source + ": .npy header field '" + key + "' is malformed");
   ++at;
   while (at < header.size() && header[at] == ' ') ++at;
   size_t end = at;
   if (end < header.size() && header[end] == '(') {
     end = header.find(')', end);
-    if (end == std::string::npos) throw std::runtime_error(source + ": .npy header 'shape' is not closed");
+    if (end == std::string::npos) throw InputError(source + ": .npy header 'shape' is not closed");
     return header.substr(at, end - at + 1);
   }
   while (end < header.size() && header[end] != ',' && header[end] != '}') ++end;
@@ -97,24 +97,24 @@ Array concat0(const std::vector<Array>& parts) {
 
 Array parse_npy(const std::string& b, const std::string& source) {
   if (b.size() < 10 || b.compare(0, 6, "\x93NUMPY") != 0)
-    throw std::runtime_error(source + ": not a .npy array (no \\x93NUMPY magic)");
+    throw InputError(source + ": not a .npy array (no \\x93NUMPY magic)");
   const int major = uint8_t(b[6]);
   size_t header_len, header_at;
   if (major == 1) {
     header_len = le16(b, 8), header_at = 10;
   } else if (major == 2 || major == 3) {
-    if (b.size() < 12) throw std::runtime_error(source + ": truncated .npy header");
+    if (b.size() < 12) throw InputError(source + ": truncated .npy header");
     header_len = le32(b, 8), header_at = 12;
   } else {
-    throw std::runtime_error(source + ": .npy format version " + std::to_string(major) + " is not supported");
+    throw InputError(source + ": .npy format version " + std::to_string(major) + " is not supported");
   }
-  if (header_at + header_len > b.size()) throw std::runtime_error(source + ": truncated .npy header");
+  if (header_at + header_len > b.size()) throw InputError(source + ": truncated .npy header");
   const std::string header = b.substr(header_at, header_len);
   const std::string descr = header_value(header, "descr", source);
   if (descr != "'<f4'" && descr != "'=f4'")
-    throw std::runtime_error(source + ": dtype " + descr + " is not float32 ('<f4'); adm-run reads float32 arrays");
+    throw InputError(source + ": dtype " + descr + " is not float32 ('<f4'); adm-run reads float32 arrays");
   if (header_value(header, "fortran_order", source) != "False")
-    throw std::runtime_error(source + ": Fortran-ordered array; write it C-contiguous (np.ascontiguousarray)");
+    throw InputError(source + ": Fortran-ordered array; write it C-contiguous (np.ascontiguousarray)");
   Array a;
   std::string shape = header_value(header, "shape", source);
   for (size_t i = 1; i + 1 < shape.size();) {
@@ -128,7 +128,7 @@ Array parse_npy(const std::string& b, const std::string& source) {
   const size_t data_at = header_at + header_len;
   const size_t nbytes = a.numel() * sizeof(float);
   if (b.size() - data_at != nbytes)
-    throw std::runtime_error(source + ": holds " + std::to_string(b.size() - data_at) + " data bytes, shape " +
+    throw InputError(source + ": holds " + std::to_string(b.size() - data_at) + " data bytes, shape " +
                              a.shape_str() + " needs " + std::to_string(nbytes));
   a.data.resize(a.numel());
   std::memcpy(a.data.data(), b.data() + data_at, nbytes);  // little-endian hosts only (all targets)
@@ -149,7 +149,7 @@ void write_npy(const std::string& path, const Array& a) {
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw std::runtime_error(path + ": cannot be written");
+  if (!out) throw InputError(path + ": cannot be written");
   const char magic[8] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0};
   out.write(magic, 8);
   const uint16_t len = static_cast<uint16_t>(header.size());
@@ -157,7 +157,7 @@ void write_npy(const std::string& path, const Array& a) {
   out.write(len_le, 2);
   out.write(header.data(), static_cast<std::streamsize>(header.size()));
   out.write(reinterpret_cast<const char*>(a.data.data()), static_cast<std::streamsize>(a.data.size() * sizeof(float)));
-  if (!out) throw std::runtime_error(path + ": write failed");
+  if (!out) throw InputError(path + ": write failed");
 }
 
 std::map<std::string, Array> read_npz(const std::string& path) {
@@ -173,19 +173,19 @@ std::map<std::string, Array> read_npz(const std::string& path) {
       }
     }
   }
-  if (eocd == std::string::npos) throw std::runtime_error(path + ": not a zip archive (no end of central directory)");
+  if (eocd == std::string::npos) throw InputError(path + ": not a zip archive (no end of central directory)");
   uint64_t entries = le16(z, eocd + 10);
   uint64_t cd_offset = le32(z, eocd + 16);
   if ((entries == 0xffff || cd_offset == 0xffffffff) && eocd >= 20 && le32(z, eocd - 20) == 0x07064b50) {
     const uint64_t z64 = le64(z, eocd - 20 + 8);  // zip64 end of central directory record
-    if (z64 + 56 > z.size() || le32(z, z64) != 0x06064b50) throw std::runtime_error(path + ": broken zip64 record");
+    if (z64 + 56 > z.size() || le32(z, z64) != 0x06064b50) throw InputError(path + ": broken zip64 record");
     entries = le64(z, z64 + 32);
     cd_offset = le64(z, z64 + 48);
   }
   std::map<std::string, Array> arrays;
   size_t at = cd_offset;
   for (uint64_t e = 0; e < entries; ++e) {
-    if (at + 46 > z.size() || le32(z, at) != 0x02014b50) throw std::runtime_error(path + ": broken zip central directory");
+    if (at + 46 > z.size() || le32(z, at) != 0x02014b50) throw InputError(path + ": broken zip central directory");
     const uint16_t method = le16(z, at + 10);
     uint64_t comp_size = le32(z, at + 20), size = le32(z, at + 24);
     const uint16_t name_len = le16(z, at + 28), extra_len = le16(z, at + 30), comment_len = le16(z, at + 32);
@@ -204,12 +204,12 @@ std::map<std::string, Array> read_npz(const std::string& path) {
     }
     at += 46 + name_len + extra_len + comment_len;
     if (method != 0)
-      throw std::runtime_error(path + ": member " + name + " is compressed (method " + std::to_string(method) +
+      throw InputError(path + ": member " + name + " is compressed (method " + std::to_string(method) +
                                "); the bundle reference is written with np.savez (stored), not np.savez_compressed");
     if (local + 30 > z.size() || le32(z, local) != 0x04034b50)
-      throw std::runtime_error(path + ": broken local header of member " + name);
+      throw InputError(path + ": broken local header of member " + name);
     const size_t data_at = local + 30 + le16(z, local + 26) + le16(z, local + 28);
-    if (data_at + size > z.size() || comp_size != size) throw std::runtime_error(path + ": member " + name + " is truncated");
+    if (data_at + size > z.size() || comp_size != size) throw InputError(path + ": member " + name + " is truncated");
     std::string key = name;
     if (key.size() > 4 && key.compare(key.size() - 4, 4, ".npy") == 0) key.resize(key.size() - 4);
     arrays[key] = parse_npy(z.substr(data_at, size), path + ":" + name);

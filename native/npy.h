@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "errors.h"
+
 namespace adm {
 
 struct Array {

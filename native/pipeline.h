@@ -16,12 +16,6 @@ class Module;
 
 namespace adm {
 
-// An ExecuTorch or runner failure after the bundle checked out (exit code 3).
-class RuntimeFailure : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
 // One .pte: forward's inputs by name (from the program's io_names method), shapes from its
 // method metadata, checked against the manifest.
 class Component {

@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <fstream>
 #include <stdexcept>
+
+#include "errors.h"
 #include <vector>
 
 namespace adm {
@@ -88,14 +90,14 @@ class Sha256 {
 
 std::string sha256_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot be read");
+  if (!in) throw InputError(path + ": cannot be read");
   Sha256 h;
   std::vector<char> buf(1 << 20);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
     h.update(reinterpret_cast<const uint8_t*>(buf.data()), static_cast<size_t>(in.gcount()));
   }
-  if (in.bad()) throw std::runtime_error(path + ": read error while hashing");
+  if (in.bad()) throw InputError(path + ": read error while hashing");
   return h.hex_digest();
 }
 
