@@ -24,9 +24,10 @@ but the measurement finds harmless are quantized like the rest; the plan records
 The VAE decoder gets its own section (``components.vae_decoder``): the preset's precision with
 the first and last convolutions kept high. The encoder runs once per clip and stays float.
 
-neural-compressor's accuracy-aware tuning is not used: it searches by re-running an evaluation
-function per trial over its own quantized models, which here would redo the sensitivity sweep
-with less control; the greedy search over measured one-layer losses is the work it would do.
+``--search autotune`` (:mod:`calibration.autotune`) instead lets neural-compressor's tuning loop pick
+the plan: its trials are this module's plans (a registered INC config), each scored end to end
+by sampling; ``--rounding gptq`` (:mod:`calibration.gptq`) chooses the integer weights of any plan
+from the calibration inputs, and the plan names the file that holds them.
 """
 
 from __future__ import annotations
