@@ -286,3 +286,92 @@ def test_fake_quantization_applies_the_plans_integers():
     q = quantized_copy(spec.module, plan, {n: (-4.0, 4.0) for n in plan})
     for name, widths in plan.rounding.items():
         assert torch.equal(q.get_submodule(name).weight, widths[plan[name].weights].dequantize())
+
+
+@pytest.fixture(scope="module")
+def gptq_plan(tmp_path_factory):
+    """``toolkit plan --preset w4a8 --rounding gptq --calib C`` on a tiny seeded checkpoint."""
+    import json
+
+    from calibration.sampling import calibrate
+    from toolkit.checkpoint import Pipeline, PipelineConfig, load_checkpoint, save_checkpoint
+    from toolkit.cli import main
+    from toolkit.data.synth import write_synth_dataset
+    from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
+    from toolkit.models.softalign import SOFTALIGN_PRESETS, SoftAlignUNet
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gptq-plan")
+    save_checkpoint(root / "ckpt", Pipeline(config=PipelineConfig(name="tiny", default_steps=2),
+                                            denoiser=SoftAlignUNet(SOFTALIGN_PRESETS["tiny"]).eval(),
+                                            vae=OobleckVAE(OOBLECK_PRESETS["tiny"]).eval()))
+    pipe = load_checkpoint(root / "ckpt")
+    write_synth_dataset(root / "synth", n=2, seconds=1.0, sample_rate=8000, seed=0, progress=False)
+    calib = calibrate(pipe, root / "synth", strategy="uniform", size=6, steps=2, seed=0, out_dir=root / "calib",
+                      show_progress=False, augment=False)
+    assert main(["plan", "--preset", "w4a8", "--rounding", "gptq", "--calib", str(calib),
+                 "--out", str(root / "w4a8.json")]) == 0
+    return pipe, calib, json.loads((root / "w4a8.json").read_text()), root
+
+
+def test_plan_verb_writes_the_rounding_next_to_the_plan(gptq_plan):
+    from calibration.plan import component_assignment
+
+    pipe, _, plan, root = gptq_plan
+    section = plan["rounding"]
+    entry = section["components"]["denoiser"]
+    assert section["method"] == "gptq" and (root / entry["file"]).is_file()
+    assert entry["sha256"] == gptq.sha256_file(root / entry["file"])
+    assign = component_assignment(plan, "denoiser", pipe.denoiser)
+    int_layers = {n for n, p in assign.items() if p.weights in ("int8", "int4")}
+    assert set(assign.rounding) == int_layers and int_layers
+    # the layer output error never grows over RTN's on the calibration inputs (per layer, per width)
+    for name, row in entry["layers"].items():
+        for width, f in row.items():
+            if width != "rows":
+                assert f["relative_output_error"] <= f["relative_output_error_rtn"] * (1 + 1e-9), (name, width)
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx"])
+def test_exported_denoiser_carries_the_plans_integers(gptq_plan, target, tmp_path):
+    import numpy as np
+
+    from calibration.feeds import calibration_feeds
+    from calibration.plan import component_assignment
+    from targets import get_target
+    from toolkit.components import component_specs
+
+    pipe, calib, plan, _ = gptq_plan
+    spec = component_specs(pipe)["denoiser"]
+    assign = component_assignment(plan, "denoiser", spec.module)
+    feeds = calibration_feeds(pipe, calib, "denoiser", limit=4)
+    art = get_target(target).export(spec, precision="fp32", plan=assign, calib=feeds, out_dir=tmp_path)
+    if target == "executorch":
+        stored = _pte_integer_weights(tmp_path / art.path)
+        kinds = art.details["lowering"]["schemes"]
+        for name, kind in kinds.items():
+            if kind == "float":
+                continue
+            width = "int4" if kind == "int4_step" else "int8"
+            r = assign.rounding[name][width]
+            want = _xnnpack_layout(spec.module.get_submodule(name), r.q)
+            assert any(s["q"].shape == want.shape and (s["q"] == want).all()
+                       and (s["scale"] == r.scale.numpy()).all() for s in stored), name
+        return
+    import onnx
+    from onnx import numpy_helper
+
+    quant = art.details["quantization"]
+    applied = quant["rounding"]["layers"]
+    assert set(applied) == {n for n, e in art.details["lowering"]["layers"].items()
+                            if e["applied"]["weights"] in ("int8", "int4")}
+    model = onnx.load(str(tmp_path / art.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    for layer, width in applied.items():
+        r = assign.rounding[layer][width]
+        for row in quant["nodes"][layer]:
+            dq = producers[by_name[row["node"]].input[1]]
+            q = inits[dq.input[0]].astype(np.int16)
+            assert np.array_equal(q, r.q.numpy() if q.shape == tuple(r.q.shape) else r.q.numpy().T), layer
