@@ -168,3 +168,44 @@ def test_generate_verb_refuses_litefocus_options_with_dense(tiny_checkpoint, tmp
     assert main(["generate", "--checkpoint", str(tiny_checkpoint), "--vocals", str(wav),
                  "--out", str(tmp_path / "a.wav"), "--compensation", "0.3"]) == 2
     assert "apply to --attention litefocus" in capsys.readouterr().err
+
+
+def test_attention_maps_verb(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from toolkit.attention_maps import analyse
+    from toolkit.data.synth import write_synth_dataset
+
+    data = tmp_path / "data"
+    write_synth_dataset(data, n=2, seconds=1.0, sample_rate=8000, channels=1, seed=0)
+    out = tmp_path / "maps"
+    assert main(["attention-maps", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--out", str(out),
+                 "--frames", "32", "--timesteps", "0.8", "0.2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["maps"]) == {"global", "cross_down1", "cross_up1"}
+    maps = np.load(out / "maps.npz")
+    assert maps["global"].shape == (2, 16, 16)  # 32 frames, bottleneck 16
+    np.testing.assert_allclose(maps["global"].sum(axis=-1), 1.0, rtol=1e-5)  # rows are distributions
+    assert (out / "attention_maps.png").is_file() and (out / "offset_profiles.png").is_file()
+    assert "suggested LiteFocus" in capsys.readouterr().out
+    # the analysis on known maps: a pure diagonal band of ±2, and uniform attention
+    n = 16
+    band = (np.abs(np.arange(n)[:, None] - np.arange(n)[None]) <= 2).astype(float)
+    a = analyse(band / band.sum(axis=1, keepdims=True))
+    assert a["band_mass"][2] == pytest.approx(1.0) and a["band_for_90pct"] == 2
+    u = analyse(np.full((n, n), 1.0 / n))
+    assert u["band_mass"][4] == pytest.approx(u["uniform_band_mass"][4]) and u["suggested"]["lags"] == []
+
+
+def test_long_audio_benchmark_rows_at_tiny_size():
+    from benchmarks.long_audio import build_table, measure
+
+    rows = [measure({"config": "tiny", "multiple": m, "attention": a, "compensation": 0.25, "runs": 1,
+                     "warmup": 0, "threads": 1, "seed": 0}) for m in (1, 4) for a in ("dense", "litefocus")]
+    assert all(r["output_finite"] and r["gflops"] > 0 and 0 < r["soft_alignment_flop_share"] < 1 for r in rows)
+    by = {(r["multiple"], r["attention"]): r for r in rows}
+    # dense up to the training length: the same call; beyond it LiteFocus scores fewer keys
+    assert by[(1, "dense")]["gflops"] == by[(1, "litefocus")]["gflops"]
+    assert by[(4, "litefocus")]["global_scores_mib"] < by[(4, "dense")]["global_scores_mib"]
+    table = build_table(rows + [{"multiple": 8, "attention": "dense", "error": "timeout after 1 s"}]).splitlines()
+    assert len(table) == 2 + 5 and "timeout" in table[-1] and "1.00×" in table[2]

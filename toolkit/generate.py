@@ -212,7 +212,7 @@ def attention_bytes(pipeline: Pipeline, frames: int, *, batch: int,
     n = frames // cfg.downsampling
     heads = cfg.channels[-1] // cfg.head_dim
     if litefocus is not None and frames > cfg.latent_length:
-        band = cfg.window if litefocus.band is None else litefocus.band
+        band = cfg.bottleneck_length // 2 if litefocus.band is None else litefocus.band
         per_query = 2 * max(2 * band, 1) + 2 * len(litefocus.lags) + compensation_count(n, litefocus.ratio)
         glob = batch * heads * n * per_query * 4
     else:

@@ -240,7 +240,7 @@ class SoftAlignAttention(nn.Module):
             if comp_idx is None:
                 raise ValueError("LiteFocus beyond the training length needs the compensation indices "
                                  "(toolkit.models.litefocus.compensation_indices)")
-            band = self.window if litefocus.band is None else litefocus.band
+            band = self.length // 2 if litefocus.band is None else litefocus.band
             glob = litefocus_attention(qr, kr, v, comp_idx, band=band, lags=litefocus.lags)
         return _merge(glob), _merge(local)
 

@@ -1,0 +1,198 @@
+"""Cost of one denoiser call vs latent length: dense global attention vs LiteFocus (seed 002), eager.
+
+One call of the SoftAlign denoiser (``--config``, default ``paper``: 15.4 M parameters, trained at
+64×1024, random seeded weights — cost does not depend on trained values) with both CFG branches,
+x (2, D, L), at L = ``--multiples`` × the training length, with the global attention dense or
+LiteFocus (band: the default, half the training bottleneck; r = ``--compensation``). LiteFocus
+only changes the global self-attention at the bottleneck; the cross-attention stays dense in both.
+
+Per row: median and min wall time of ``--runs`` calls after a warm-up; the share of that time spent
+inside the soft-alignment attention module (local + global branches, projections) and inside the
+cross-attention modules (forward hooks); the FLOPs of the call (matmuls and convolutions,
+``FlopCounterMode``) and the attention modules' share of them; the process's peak RSS and its rise
+during the calls over what was resident before the first (each row is its own subprocess); and the
+largest attention-score tensors (``toolkit.generate.attention_bytes``).
+
+ExecuTorch is not measured here yet (exports at each length are the bundle issue's).
+
+    OMP_NUM_THREADS=2 python benchmarks/long_audio.py --config paper --multiples 1 2 4 8 16 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._record import append_section, command_line  # noqa: E402
+
+ATTENTIONS = ("dense", "litefocus")
+CFG_BATCH = 2
+
+
+def measure(job: dict) -> dict:
+    """One (config, length, attention) row, in this process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from toolkit.checkpoint import Pipeline, PipelineConfig
+    from toolkit.generate import attention_bytes
+    from toolkit.models.litefocus import LiteFocusConfig, compensation_indices
+    from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
+    from toolkit.models.softalign import SOFTALIGN_PRESETS, CrossAttention, SoftAlignAttention, SoftAlignUNet
+
+    torch.set_num_threads(job["threads"])
+    cfg = SOFTALIGN_PRESETS[job["config"]]
+    torch.manual_seed(job["seed"])
+    model = SoftAlignUNet(cfg).eval()
+    frames = job["multiple"] * cfg.latent_length
+    g = torch.Generator().manual_seed(job["seed"])
+    x = torch.randn(CFG_BATCH, cfg.latent_channels, frames, generator=g)
+    cond = torch.randn(CFG_BATCH, cfg.latent_channels, frames, generator=g)
+    t = torch.full((CFG_BATCH,), 0.5)
+    lf = LiteFocusConfig(ratio=job["compensation"]) if job["attention"] == "litefocus" else None
+    idx = compensation_indices(frames // cfg.downsampling, job["compensation"], seed=job["seed"], call=0)
+    model.prepare_length(frames)
+
+    spent = {"soft_alignment": 0.0, "cross": 0.0}
+    started = {}
+
+    def pre(module, args):
+        started[id(module)] = time.perf_counter()
+
+    def post(kind):
+        def hook(module, args, out):
+            spent[kind] += time.perf_counter() - started[id(module)]
+        return hook
+
+    for m in model.modules():
+        kind = ("soft_alignment" if isinstance(m, SoftAlignAttention)
+                else "cross" if isinstance(m, CrossAttention) else None)
+        if kind:
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post(kind))
+
+    def call():
+        return model(x, t, cond, idx, litefocus=lf)
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            out = call()
+        finite = bool(torch.isfinite(out).all())
+        flops = counter.get_total_flops()
+        by_module = counter.get_flop_counts()
+        attn_flops = sum(sum(v.values()) for k, v in by_module.items() if k.endswith(".attn"))
+        cross_flops = sum(sum(v.values()) for k, v in by_module.items() if k.endswith(".cross"))
+        for _ in range(job["warmup"]):
+            call()
+        ms, shares = [], {"soft_alignment": [], "cross": []}
+        for _ in range(job["runs"]):
+            for k in spent:
+                spent[k] = 0.0
+            t0 = time.perf_counter()
+            call()
+            wall = time.perf_counter() - t0
+            ms.append(1e3 * wall)
+            for k in spent:
+                shares[k].append(spent[k] / wall)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pipe = Pipeline(config=PipelineConfig(name="bench"), denoiser=model, vae=OobleckVAE(OOBLECK_PRESETS["tiny"]))
+    scores = attention_bytes(pipe, frames, batch=CFG_BATCH, litefocus=lf)
+    return {
+        **job, "frames": frames, "bottleneck": frames // cfg.downsampling, "output_finite": finite,
+        "p50_ms": statistics.median(ms), "min_ms": min(ms),
+        "soft_alignment_time_share": statistics.median(shares["soft_alignment"]),
+        "cross_time_share": statistics.median(shares["cross"]),
+        "gflops": flops / 1e9, "soft_alignment_flop_share": attn_flops / flops, "cross_flop_share": cross_flops / flops,
+        "peak_rss_mib": rss_peak, "rss_rise_mib": rss_peak - rss_before,
+        "global_scores_mib": scores["global_attention"] / 2**20, "cross_scores_mib": scores["cross_attention"] / 2**20,
+    }
+
+
+def run_worker(job: dict, timeout_s: float) -> dict:
+    """``measure`` in a fresh subprocess, so that each row's peak RSS is its own."""
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout_s, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {**job, "error": f"timeout after {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        return {**job, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_table(rows: list[dict]) -> str:
+    lines = ["| length (× training) | frames | attention | p50 ms | min ms | vs dense | soft-alignment attn "
+             "time / FLOPs | cross-attn time / FLOPs | GFLOPs | peak RSS MiB (rise) | largest scores MiB "
+             "global / cross |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["multiple"]: r for r in rows if r["attention"] == "dense" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['multiple']}× | | {r['attention']} | {r['error']} | | | | | | | |")
+            continue
+        ref = dense.get(r["multiple"])
+        speed = f"{ref['p50_ms'] / r['p50_ms']:.2f}×" if ref else ""
+        lines.append(
+            f"| {r['multiple']}× | {r['frames']} | {r['attention']} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | "
+            f"{speed} | {100 * r['soft_alignment_time_share']:.0f} % / {100 * r['soft_alignment_flop_share']:.0f} % | "
+            f"{100 * r['cross_time_share']:.0f} % / {100 * r['cross_flop_share']:.0f} % | {r['gflops']:.1f} | "
+            f"{r['peak_rss_mib']:.0f} ({r['rss_rise_mib']:.0f}) | {r['global_scores_mib']:.1f} / "
+            f"{r['cross_scores_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--config", default="paper", help="SoftAlign preset")
+    p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
+    p.add_argument("--compensation", type=float, default=0.1, help="LiteFocus r")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="per row")
+    p.add_argument("--no-record", action="store_true", help="print the table, do not append to BENCHMARKS.md")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    t0 = time.time()
+    rows = []
+    for multiple in args.multiples:
+        for attention in args.attention:
+            job = {"config": args.config, "multiple": multiple, "attention": attention,
+                   "compensation": args.compensation, "runs": args.runs, "warmup": args.warmup,
+                   "threads": args.threads, "seed": args.seed}
+            rows.append(run_worker(job, args.timeout_s))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    table = build_table(rows)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if not args.no_record:
+        notes = (f"One `{args.config}` denoiser call (random weights, CFG batch {CFG_BATCH}) per row, at multiples "
+                 f"of its training length, {args.threads} threads, eager PyTorch; LiteFocus r = "
+                 f"{args.compensation}, band = half the training bottleneck, on the global attention only "
+                 f"(the cross-attention stays dense). Shares: time inside the modules (hooks) / their share "
+                 f"of the call's matmul+conv FLOPs. Peak RSS per row's own process; rise = peak during the "
+                 f"calls over the resident set before them.")
+        append_section("Long audio: denoiser cost vs length, dense vs LiteFocus",
+                       command=command_line(__file__, argv), wall_s=time.time() - t0, notes=notes, table=table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
