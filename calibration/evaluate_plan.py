@@ -44,7 +44,6 @@ def quantized_pipeline(pipeline: Pipeline, plan: dict, calib_dir: Path | None, *
     """A copy of ``pipeline`` whose denoiser and VAE decoder are fake-quantized as ``plan`` says."""
     from calibration.feeds import calibration_feeds
     from toolkit.components import VAEDecoderExport
-    from toolkit.models.oobleck import fold_for_export
 
     den_assign = component_assignment(plan, "denoiser", pipeline.denoiser)
     den_plan = {n: p for n, p in den_assign.items() if not _is_float(p)}
@@ -55,7 +54,7 @@ def quantized_pipeline(pipeline: Pipeline, plan: dict, calib_dir: Path | None, *
     ranges = activation_ranges(pipeline.denoiser, calib, observer=observer) if needs_ranges else None
     denoiser = quantized_copy(pipeline.denoiser, den_plan, ranges, rounding=den_assign.rounding)
 
-    vae = fold_for_export(pipeline.vae).eval()  # quantize the folded weights the device gets
+    vae = pipeline.family.fold_autoencoder(pipeline.vae).eval()  # quantize the folded weights the device gets
     decoder = VAEDecoderExport(vae, pipeline.config.latent_scale)
     dec_plan = component_assignment(plan, "vae_decoder", decoder) or {}
     dec_plan = {n: p for n, p in dec_plan.items() if not _is_float(p)}

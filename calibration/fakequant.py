@@ -1,6 +1,7 @@
 """Simulated (fake) quantization of named denoiser layers, for sensitivity analysis and plan checks.
 
-A layer is a Conv1d or Linear leaf, named by its FQN; naming a composite module (an attention
+A layer is a leaf of ``toolkit.families.QUANTIZABLE_TYPES`` (convolutions 1-D and 2-D, transposed
+or not, and Linear), named by its FQN; naming a composite module (an attention
 block) quantizes every leaf inside it. Per precision:
 
 - weights int8 / int4: symmetric, per output channel, integers in [−(2^(b−1) − 1), 2^(b−1) − 1]
@@ -23,21 +24,13 @@ import torch
 from torch import nn
 
 from calibration.precision import ACTIVATION_DTYPES, PRECISIONS, WEIGHT_DTYPES, LayerPrecision  # noqa: F401
+from toolkit.families import QUANTIZABLE_TYPES, quantizable_leaves  # noqa: F401  (re-exported)
 
 WEIGHT_BITS = {"int8": 8, "int4": 4}
 ACTIVATION_BITS = {"int8": 8, "int16": 16}
 OBSERVERS = ("minmax", "percentile")
 DEFAULT_PERCENTILE = 99.99
 MAX_OBSERVED_VALUES = 200_000  # per layer, for the percentile observer (a seeded subsample)
-
-
-def quantizable_leaves(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-    """Conv1d / ConvTranspose1d / Linear leaves under ``module`` by FQN (``module`` itself if a leaf)."""
-    types = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
-    if isinstance(module, types):
-        return {prefix: module}
-    return {f"{prefix}.{n}" if prefix else n: m for n, m in module.named_modules()
-            if n and isinstance(m, types)}
 
 
 def resolve_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:

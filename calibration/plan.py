@@ -11,7 +11,7 @@ step down the weight ladder (fp16 → int8 → int4) with the least loss per byt
 the preset's kept-high layers are lowered only once every other layer is at int4. Then, while
 bytes remain, the step up with the most loss recovered per byte spent. The loss of a
 layer at a precision is the latent-SNR drop it caused alone (the table's ``latent_snr_db``, as
-``SNR_CAP_DB − snr``); fp16 and fp32 count as lossless. Every move is recorded in the plan.
+``LOSSLESS_SNR_DB − snr``); fp16 and fp32 count as lossless. Every move is recorded in the plan.
 
 With a sensitivity table and a quality target (``--min-snr-db``, default
 ``DEFAULT_MIN_SNR_DB``), :func:`refine_with_sensitivity` first decides which layers stay high from
@@ -42,19 +42,14 @@ from calibration.precision import PRECISIONS, LayerPrecision
 from toolkit.atomic import write_text_atomically
 
 FORMAT_VERSION = 1
-SNR_CAP_DB = 100.0  # a layer whose quantization leaves ≥ this latent SNR counts as lossless
+LOSSLESS_SNR_DB = 100.0  # a layer whose quantization leaves ≥ this latent SNR counts as lossless
 BYTES_PER_WEIGHT = {"int4": 0.5, "int8": 1.0, "fp16": 2.0, "fp32": 4.0}
 WEIGHT_LADDER = ("int4", "int8", "fp16")  # search moves along this (fp32 only when a preset says so)
 HIGH_PRECISION = LayerPrecision("fp16", "fp16", "per_tensor")
 
-# FQN patterns of the layers a preset keeps at HIGH_PRECISION (SoftAlign U-Net names).
-KEEP_HIGH = (
-    r"conv_in",  # first conv of the denoiser
-    r"vocal\.conv_in",  # first conv of the conditioning stream
-    r"conv_out",  # last conv
-    r"attn(\..*)?",  # soft alignment attention (bottleneck)
-    r".*\.cross(\..*)?",  # cross-attention to the vocal
-)
+# The FQN patterns of the layers a preset keeps at HIGH_PRECISION belong to the model family
+# (``toolkit.families.ModelFamily.keep_high``); the default is the SoftAlign family's.
+DEFAULT_PRESET = "w8a8"  # what `toolkit plan` starts from when --preset is not given
 
 PRESETS = {name: PRECISIONS[name] for name in ("w8a16", "w8a8", "w4a8")}
 # Predicted (mean) latent SNR a refined plan aims at. The prediction matches the measured mean within
@@ -76,14 +71,34 @@ def parse_budget(text: str | None) -> float | None:
     return float(m.group(1))
 
 
-def is_kept_high(name: str) -> bool:
-    return any(re.fullmatch(p, name) for p in KEEP_HIGH)
+def default_keep_high() -> tuple[str, ...]:
+    from toolkit.families import DEFAULT_FAMILY, get_family
+
+    return get_family(DEFAULT_FAMILY).keep_high
 
 
-def preset_assignment(preset: str, layers: list[str]) -> dict[str, LayerPrecision]:
+def check_patterns(patterns, layers: list[str], *, source: str, each: bool = True) -> None:
+    """Patterns (full match; a ``re:`` prefix is allowed) must select layers: each of them (a
+    user's overrides), or with ``each=False`` at least one (a family's keep-high list, some of whose
+    entries a config may leave out, e.g. cross-attention). A pattern written for another model
+    would otherwise select nothing, silently."""
+    dead = [p for p in patterns if not any(re.fullmatch(p.removeprefix("re:"), n) for n in layers)]
+    if dead and (each or len(dead) == len(patterns)):
+        raise ValueError(f"{source}: {len(dead)} layer patterns match no layer of this model: {dead[:5]} "
+                         f"(its layers look like {layers[:3]}); the plan or the family's keep_high patterns "
+                         "were written for another model")
+
+
+def preset_assignment(preset: str, layers: list[str], *,
+                      keep_high: tuple[str, ...] | None = None) -> dict[str, LayerPrecision]:
+    """Every layer at the preset, those matching ``keep_high`` (default: the SoftAlign family's) at
+    HIGH_PRECISION."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return {n: (HIGH_PRECISION if is_kept_high(n) else PRESETS[preset]) for n in layers}
+    keep_high = default_keep_high() if keep_high is None else tuple(keep_high)
+    check_patterns(keep_high, layers, source="keep_high patterns", each=False)
+    return {n: (HIGH_PRECISION if any(re.fullmatch(p, n) for p in keep_high) else PRESETS[preset])
+            for n in layers}
 
 
 def planned_bytes(assignment: dict[str, LayerPrecision], sizes: dict[str, dict[str, int]],
@@ -106,7 +121,7 @@ def layer_loss(name: str, prec: LayerPrecision, sensitivity: dict | None) -> flo
     # bound the loss of 16-bit ones from above).
     for key in (f"w{w}a{a}", f"w{w}a{24 - a}"):
         if key in row:
-            return max(0.0, SNR_CAP_DB - min(row[key]["latent_snr_db"], SNR_CAP_DB))
+            return max(0.0, LOSSLESS_SNR_DB - min(row[key]["latent_snr_db"], LOSSLESS_SNR_DB))
     # Not measured: a proxy that grows as bits drop, so unmeasured layers move last.
     return {"int8": 1.0, "int4": 10.0}[prec.weights] * 1e3
 
@@ -200,13 +215,13 @@ def _noise(name: str, prec: LayerPrecision, sensitivity: dict) -> float | None:
     key = _key(prec)
     if key is None or key not in row:
         return None
-    return 10.0 ** (-min(row[key]["latent_snr_db"], SNR_CAP_DB) / 10.0)
+    return 10.0 ** (-min(row[key]["latent_snr_db"], LOSSLESS_SNR_DB) / 10.0)
 
 
 def predicted_snr_db(assign: dict[str, LayerPrecision], sensitivity: dict) -> float:
     """End-to-end latent SNR predicted from one-layer measurements, errors adding as independent."""
     total = sum(_noise(n, p, sensitivity) or 0.0 for n, p in assign.items())
-    return SNR_CAP_DB if total <= 0 else min(SNR_CAP_DB, -10.0 * math.log10(total))
+    return LOSSLESS_SNR_DB if total <= 0 else min(LOSSLESS_SNR_DB, -10.0 * math.log10(total))
 
 
 def refine_with_sensitivity(assign: dict[str, LayerPrecision], preset: str, sensitivity: dict, *,
@@ -261,6 +276,11 @@ def component_assignment(plan: dict, component: str, module, *, source: str = "p
     if unknown:
         raise KeyError(f"{source}: {component} overrides name layers the model does not have: "
                        f"{unknown[:5]}; fix the plan's 'overrides' or make it for this checkpoint")
+    if not leaves:
+        raise ValueError(f"{source}: {component} has no quantizable layer, so its plan section selects "
+                         "nothing; drop the section")
+    check_patterns([k for k in overrides if k.startswith("re:")], list(leaves),
+                   source=f"{source}: {component} overrides")
     default = LayerPrecision.from_dict(section["default"])
     out = {}
     for name in leaves:
@@ -304,10 +324,16 @@ def vae_decoder_section(preset: str, layers: list[str]) -> dict:
 
 def make_plan(preset: str, sizes: dict[str, dict[str, int]], fp32_bytes: int, *, budget: float | None = None,
               sensitivity: dict | None = None, sensitivity_source: str | None = None, model: str | None = None,
-              min_snr_db: float = DEFAULT_MIN_SNR_DB, vae_decoder_layers: list[str] | None = None) -> dict:
-    """The plan JSON (DESIGN.md): default, overrides by FQN, sensitivity figures and budget."""
+              min_snr_db: float = DEFAULT_MIN_SNR_DB, vae_decoder_layers: list[str] | None = None,
+              keep_high: tuple[str, ...] | None = None) -> dict:
+    """The plan JSON (DESIGN.md): default, overrides by FQN, sensitivity figures and budget.
+
+    ``keep_high``: the model family's patterns of layers a preset keeps high (default: SoftAlign's);
+    a pattern that matches no layer is an error.
+    """
     default = PRESETS[preset] if preset in PRESETS else None
-    assign = preset_assignment(preset, list(sizes))
+    keep_high = default_keep_high() if keep_high is None else tuple(keep_high)
+    assign = preset_assignment(preset, list(sizes), keep_high=keep_high)
     moves: list[dict] = []
     if sensitivity is not None:
         assign, moves = refine_with_sensitivity(assign, preset, sensitivity, min_snr_db=min_snr_db)
@@ -330,7 +356,7 @@ def make_plan(preset: str, sizes: dict[str, dict[str, int]], fp32_bytes: int, *,
         "model": model,
         "default": default.to_dict(),
         "overrides": overrides,
-        "kept_high_patterns": list(KEEP_HIGH),
+        "kept_high_patterns": list(keep_high),
         "budget": {"size": budget, "fp32_bytes": int(fp32_bytes), "planned_bytes": int(round(total)),
                    "size_ratio": total / fp32_bytes,
                    "met": None if budget is None else bool(total <= budget * fp32_bytes + 1e-9)},
@@ -373,6 +399,9 @@ def _plan_command(args: argparse.Namespace) -> int:
     if checkpoint is None and args.calib is not None and (Path(args.calib) / "manifest.json").is_file():
         checkpoint = json.loads((Path(args.calib) / "manifest.json").read_text()).get("checkpoint")
     pipe = load_checkpoint(Path(checkpoint) if checkpoint else None)
+    from toolkit.families import check_quantizable
+
+    check_quantizable(pipe.denoiser, source=f"{pipe.path or pipe.config.name} denoiser")
     sizes, fp32_bytes = layer_sizes(pipe.denoiser)
     if sensitivity is not None and set(sensitivity["layers"]) - set(sizes):
         raise ValueError(f"{args.sensitivity}: measured on another model (layers "
@@ -389,7 +418,7 @@ def _plan_command(args: argparse.Namespace) -> int:
     else:
         plan = make_plan(args.preset, sizes, fp32_bytes, budget=parse_budget(args.budget), sensitivity=sensitivity,
                          sensitivity_source=args.sensitivity, model=pipe.config.name, min_snr_db=args.min_snr_db,
-                         vae_decoder_layers=decoder_layers)
+                         vae_decoder_layers=decoder_layers, keep_high=pipe.family.keep_high)
     if args.rounding == "gptq":
         from calibration.gptq import round_plan
 
@@ -407,8 +436,9 @@ def _plan_command(args: argparse.Namespace) -> int:
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     """``toolkit plan``: register on the CLI's sub-parsers (sets ``func``)."""
     s = subparsers.add_parser("plan", help="per-layer precision plan from a preset, sensitivity and a size budget")
-    s.add_argument("--preset", choices=sorted(PRESETS), required=True,
-                   help="default precision; first/last conv and attention stay fp16")
+    s.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="starting precision of every layer; the model family's first/last convolutions and "
+                        "attention start at fp16 (with --sensitivity or --budget the search moves from here)")
     s.add_argument("--sensitivity", default=None, help="sensitivity JSON (toolkit sensitivity) to search with")
     s.add_argument("--budget", default=None,
                    help="size=F: denoiser bytes at most F x fp32 (e.g. size=0.30; lower: smaller, lossier)")

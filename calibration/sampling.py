@@ -43,7 +43,7 @@ from toolkit.checkpoint import Pipeline
 from toolkit.data.stems import list_tracks, load_track
 from toolkit.diffusion import guided_denoiser, make_table, sample_ddim
 from toolkit.generate import encode_audio
-from toolkit.models.softalign import CrossAttention, SoftAlignAttention
+from toolkit.families import QUANTIZABLE_TYPES
 
 FORMAT_VERSION = 1
 STRATEGIES = ("activation-aware", "uniform", "normal")
@@ -56,12 +56,11 @@ INTERMEDIATES = "intermediates.safetensors"
 CONDITIONING = "conditioning.safetensors"
 LAYER_STATS = "layer_stats.json"
 COVERAGE = "coverage.json"
-HOOKED_TYPES = (nn.Conv1d, nn.Linear, SoftAlignAttention, CrossAttention)
-
-
-def hooked_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
-    """The modules whose activations Algorithm 2 watches, by FQN (Conv1d, Linear, attention)."""
-    return {name: m for name, m in denoiser.named_modules() if name and isinstance(m, HOOKED_TYPES)}
+def hooked_layers(denoiser: nn.Module, attention_types: tuple[type, ...] = ()) -> dict[str, nn.Module]:
+    """The modules whose activations Algorithm 2 watches, by FQN: every quantizable leaf
+    (``toolkit.families.QUANTIZABLE_TYPES``) and the family's attention blocks."""
+    types = QUANTIZABLE_TYPES + tuple(attention_types)
+    return {name: m for name, m in denoiser.named_modules() if name and isinstance(m, types)}
 
 
 # --- Algorithm 2, as pure functions of the variance table -----------------------------------
@@ -192,7 +191,7 @@ def run_trajectories(pipeline: Pipeline, cond: torch.Tensor, noise: torch.Tensor
     from tqdm import tqdm
 
     table = make_table(pipeline.config.schedule, steps)
-    layers = hooked_layers(pipeline.denoiser)
+    layers = hooked_layers(pipeline.denoiser, pipeline.family.attention_types)
     recorder = VarianceRecorder(layers, steps)
     states = torch.empty((cond.shape[0], steps, *cond.shape[1:]), dtype=cond.dtype)
     try:

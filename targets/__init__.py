@@ -129,8 +129,9 @@ def check_export_args(target: str, *, precision: str, plan: dict | None,
         raise TypeError(f"{target}: plan must map layer FQNs to LayerPrecision "
                         "(calibration.plan.component_assignment resolves a plan JSON)")
     if spec is not None:
-        from calibration.fakequant import quantizable_leaves
+        from toolkit.families import check_quantizable, quantizable_leaves
 
+        check_quantizable(spec.module, source=f"{target} {spec.name}")
         leaves = quantizable_leaves(spec.module)
         unknown = sorted(set(plan) - set(leaves))
         if unknown:

@@ -149,3 +149,24 @@ def test_next_export_removes_what_a_killed_export_left(tmp_path):
     bundle = export_bundle(tiny_pipeline(), target="onnx", out_root=tmp_path)
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [bundle.name]
+
+
+def _component(*layers):
+    return {"details": {"lowering": {"layers": {
+        f"l{i}": {"requested": {"weights": rw, "activations": ra}, "applied": {"weights": aw, "activations": aa},
+                  "honoured": (rw, ra) == (aw, aa), "why": None if (rw, ra) == (aw, aa) else "target rule"}
+        for i, ((rw, ra), (aw, aa)) in enumerate(layers)}}}}
+
+
+def test_bundle_label_names_what_was_applied():
+    from toolkit.bundle import applied_label, lowering_differences
+
+    plan = {"name": "w8a16"}
+    honoured = {"denoiser": _component((("int8", "int8"), ("int8", "int8")), (("fp16", "fp16"), ("fp32", "fp32")))}
+    assert applied_label("w8a8", honoured, plan=plan) == "w8a8"  # fp16 run as fp32: reported, not renamed
+    assert len(lowering_differences(honoured)) == 1
+    float_only = {"denoiser": _component((("int8", "fp16"), ("fp32", "fp32")))}  # TensorRT's W8A16
+    assert applied_label("w8a16", float_only, plan=plan) == "fp32-from-w8a16"
+    partial = {"denoiser": _component((("int8", "int8"), ("int8", "int8")), (("int4", "int8"), ("fp32", "fp32")))}
+    assert applied_label("w4a8", partial, plan=plan) == "w4a8-partial"
+    assert applied_label("fp32", {}, plan=None) == "fp32"

@@ -234,7 +234,7 @@ def test_calibrate_writes_the_calibration_set(calib_dir, tiny_pipeline):
     assert cs.x_t.shape == (12, *tiny_pipeline.latent_shape) and cs.cond.shape == cs.x_t.shape
     assert cs.t.shape == (12,) and bool(((cs.t > 0) & (cs.t <= 1)).all())
     stats = json.loads((calib_dir / "layer_stats.json").read_text())
-    assert stats["layers"] == list(hooked_layers(tiny_pipeline.denoiser))
+    assert stats["layers"] == list(hooked_layers(tiny_pipeline.denoiser, tiny_pipeline.family.attention_types))
     assert any("attn" in n for n in stats["layers"]) and "conv_out" in stats["layers"]
     assert sum(stats["step_probability"]["activation-aware"]) == pytest.approx(1.0)
     assert sum(stats["drawn_steps"]) == 12

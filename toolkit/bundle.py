@@ -53,13 +53,26 @@ def lowering_differences(components: dict) -> list[dict]:
     return out
 
 
+INTEGER_TYPES = ("int4", "int8", "int16")
+
+
 def applied_label(requested: str, components: dict, *, plan: dict | None) -> str:
-    """The bundle's precision label from what the targets applied (see the module doc)."""
-    if plan is None or not lowering_differences(components):
+    """The bundle's precision label from what the targets applied (see the module doc).
+
+    The label names the integer quantization: it keeps the plan's name when every integer weight
+    and activation the plan asked for was applied at that width (a float layer run in fp32 rather
+    than fp16 is in the lowering report, not the name), ``<plan>-partial`` when some were not, and
+    ``fp32-from-<plan>`` when no layer runs with integers at all.
+    """
+    if plan is None:
         return requested
-    applied = [rec["applied"] for comp in components.values()
+    records = [rec for comp in components.values()
                for rec in (((comp.get("details") or {}).get("lowering") or {}).get("layers") or {}).values()]
-    integer = any(a["weights"] in ("int8", "int4") or a["activations"] in ("int8", "int16") for a in applied)
+    missed = [r for r in records for kind in ("weights", "activations")
+              if r["requested"][kind] in INTEGER_TYPES and r["applied"][kind] != r["requested"][kind]]
+    if not missed:
+        return requested
+    integer = any(r["applied"][kind] in INTEGER_TYPES for r in records for kind in ("weights", "activations"))
     return f"{requested}-partial" if integer else f"fp32-from-{requested}"
 
 

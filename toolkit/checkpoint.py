@@ -20,8 +20,7 @@ from toolkit.atomic import atomic_directory
 from toolkit.checkpoint_errors import CheckpointError, check_state_dict
 from toolkit.config import ConfigError, config_from_dict, config_to_dict, register, require
 from toolkit.diffusion import CosineSchedule
-from toolkit.models.oobleck import OobleckConfig, OobleckVAE
-from toolkit.models.softalign import SoftAlignConfig, SoftAlignUNet
+from toolkit.families import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family
 
 FORMAT_VERSION = 1
 PIPELINE_FILE = "pipeline.json"
@@ -40,7 +39,7 @@ class PipelineConfig:
     VERSION = 1
 
     name: str
-    family: str = "softalign-oobleck"
+    family: str = DEFAULT_FAMILY  # selects the denoiser and autoencoder builders (toolkit.families)
     parameterization: str = "v"
     schedule_train_steps: int = 800
     schedule_offset: float = 0.008
@@ -61,6 +60,8 @@ class PipelineConfig:
         require(self.default_guidance >= 0, n, "default_guidance", "must be >= 0")
         require(isinstance(self.provenance, dict), n, "provenance", "must be a JSON object")
         require(self.latent_scale > 0, n, "latent_scale", "must be positive")
+        require(self.family in FAMILIES, n, "family",
+                f"{self.family!r} is not a registered model family (known: {', '.join(sorted(FAMILIES))})")
 
     @property
     def schedule(self) -> CosineSchedule:
@@ -69,12 +70,19 @@ class PipelineConfig:
 
 @dataclass
 class Pipeline:
-    """A loaded checkpoint: the config, the denoiser and the VAE (both in eval mode)."""
+    """A loaded checkpoint: the config, the denoiser and the VAE (both in eval mode).
+
+    The denoiser and the VAE follow the protocols of :mod:`toolkit.families`.
+    """
 
     config: PipelineConfig
-    denoiser: SoftAlignUNet
-    vae: OobleckVAE
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
     path: Path | None = None
+
+    @property
+    def family(self) -> ModelFamily:
+        return get_family(self.config.family)
 
     @property
     def sample_rate(self) -> int:
@@ -94,8 +102,7 @@ class Pipeline:
         return self.denoiser.config.latent_length * self.vae.config.downsampling
 
 
-def check_compatible(config: PipelineConfig, den: SoftAlignConfig, vae: OobleckConfig, *,
-                     source: str) -> None:
+def check_compatible(config: PipelineConfig, den, vae, *, source: str) -> None:
     if den.latent_channels != vae.latent_dim:
         raise CheckpointError(
             f"{source}: denoiser latent_channels={den.latent_channels} but the VAE's "
@@ -209,7 +216,8 @@ def load_checkpoint(path: Path | None = None) -> Pipeline:
         config = config_from_dict(data, source=str(pj))
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    denoiser = load_component(path / "denoiser", SoftAlignConfig, SoftAlignUNet)
-    vae = load_component(path / "vae", OobleckConfig, OobleckVAE)
+    family = get_family(config.family)
+    denoiser = load_component(path / "denoiser", family.denoiser_config, family.denoiser)
+    vae = load_component(path / "vae", family.autoencoder_config, family.autoencoder)
     check_compatible(config, denoiser.config, vae.config, source=str(pj))
     return Pipeline(config=config, denoiser=denoiser, vae=vae, path=path)

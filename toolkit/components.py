@@ -10,8 +10,8 @@ What a device runs, and what every target exports:
 
 B is 2 when classifier-free guidance runs both branches in one call, 1 when guidance is folded
 into a distilled student. The latent scale is folded into the encoder and decoder, so the device
-loop needs nothing but the sampler table. The VAE's weight norm and Snake exponentials are folded
-(``fold_for_export``) so that XNNPACK takes them as one delegate.
+loop needs nothing but the sampler table. The VAE is folded by its family's ``fold_autoencoder``
+(Oobleck: weight norm and Snake exponentials) so that XNNPACK takes it as one delegate.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from torch import nn
 
 from runtime_py.bundle import COMPONENTS  # noqa: F401  (the one list of components, device side)
 from toolkit.checkpoint import Pipeline
-from toolkit.models.oobleck import fold_for_export
 
 
 class VAEEncoderExport(nn.Module):
@@ -66,7 +65,7 @@ def denoiser_batch(pipeline: Pipeline) -> int:
 def component_specs(pipeline: Pipeline, *, seed: int = 0) -> dict[str, ComponentSpec]:
     """The three components of ``pipeline`` with seeded example inputs of the deployed shapes."""
     g = torch.Generator().manual_seed(seed)
-    vae = fold_for_export(pipeline.vae).eval()
+    vae = pipeline.family.fold_autoencoder(pipeline.vae).eval()
     scale = pipeline.config.latent_scale
     d, length = pipeline.latent_shape
     b = denoiser_batch(pipeline)
