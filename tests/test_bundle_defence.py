@@ -170,3 +170,17 @@ def test_bundle_label_names_what_was_applied():
     partial = {"denoiser": _component((("int8", "int8"), ("int8", "int8")), (("int4", "int8"), ("fp32", "fp32")))}
     assert applied_label("w4a8", partial, plan=plan) == "w4a8-partial"
     assert applied_label("fp32", {}, plan=None) == "fp32"
+
+
+def test_export_summary_says_what_was_applied_and_how_it_was_checked():
+    from toolkit.bundle import export_summary, lowering_differences
+
+    components = {"denoiser": {**_component((("int8", "fp16"), ("fp32", "fp32"))),
+                               "parity": {"status": "pass", "sqnr_db": 31.2}}}
+    manifest = {"precision": "fp32-from-w8a16", "requested_precision": "w8a16", "components": components,
+                "lowering_differences": lowering_differences(components),
+                "host_check": {"status": "pass", "kind": "simulation of the plan", "how": "not the lowered graph"}}
+    text = "\n".join(export_summary(manifest))
+    assert "precision applied: fp32-from-w8a16 (requested w8a16)" in text
+    assert "1 planned layers not lowered as requested" in text and "target rule" in text
+    assert "denoiser 31.2 dB" in text and "simulation of the plan" in text

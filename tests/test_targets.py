@@ -10,7 +10,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ from toolkit.models.softalign import SOFTALIGN_PRESETS, SoftAlignUNet
 MIN_SQNR_DB = 60.0  # fp32 export vs PyTorch
 MAX_ABS_DIFF = 1e-4  # fp32, outputs of order 1
 MIN_SQNR_FP16_DB = 40.0
-DEMO_EXPORT_BUDGET_S = 60.0  # demo-size denoiser: ExecuTorch + Core ML export together
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -355,14 +353,11 @@ def test_coreml_fp16_keeps_the_timestep_path_float32(specs, tmp_path):
 
 def test_demo_denoiser_exports_to_executorch_and_coreml(tmp_path):
     spec = component_specs(make_pipeline("demo"))["denoiser"]
-    start = time.perf_counter()
     pte = get_target("executorch").export(spec, precision="fp32", plan=None, calib=None,
                                           out_dir=tmp_path)
     mlpackage = get_target("coreml").export(spec, precision="fp32", plan=None, calib=None,
                                             out_dir=tmp_path)
-    elapsed = time.perf_counter() - start
     assert (tmp_path / pte.path).is_file()
     assert (tmp_path / mlpackage.path / "Manifest.json").is_file()
     d = pte.details["delegation"]
     assert d["ops_total"] == d["ops_delegated"] + d["ops_non_delegated"] and d["delegates"] >= 1
-    assert elapsed < DEMO_EXPORT_BUDGET_S, f"demo denoiser export took {elapsed:.0f} s"

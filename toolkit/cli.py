@@ -176,11 +176,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from toolkit.bundle import export_bundle
+    from targets import target_names
+    from toolkit.bundle import export_bundle, export_summary
     from toolkit.checkpoint import load_checkpoint
-    from toolkit.matrix import ALL_TARGETS
 
-    targets = ALL_TARGETS if "all" in args.target else tuple(dict.fromkeys(args.target))
+    targets = target_names() if "all" in args.target else tuple(dict.fromkeys(args.target))
     plan = json.loads(Path(args.plan).read_text()) if args.plan else None
     budget = json.loads(args.quality_budget) if args.quality_budget else None
     pipe = load_checkpoint(args.checkpoint)
@@ -191,9 +191,9 @@ def _export(args: argparse.Namespace) -> int:
                              calib=Path(args.calib) if args.calib else None, quality_budget=budget,
                              force=args.force)
         manifest = json.loads((path / "manifest.json").read_text())
-        parity = {name: c["parity"].get("sqnr_db", c["parity"]["status"])
-                  for name, c in manifest["components"].items()}
-        print(f"{path}  ({time.time() - t0:.0f} s)  parity SQNR dB: {parity}")
+        print(f"{path}  ({time.time() - t0:.0f} s)")
+        for line in export_summary(manifest):
+            print(f"  {line}")
     return 0
 
 
@@ -208,10 +208,11 @@ def _report(args: argparse.Namespace) -> int:
 
 def _matrix(args: argparse.Namespace) -> int:
     from toolkit.checkpoint import load_checkpoint
-    from toolkit.matrix import ALL_TARGETS, run_matrix
+    from targets import target_names
+    from toolkit.matrix import run_matrix
 
     pipe = load_checkpoint(args.checkpoint)
-    targets = ALL_TARGETS if "all" in args.target else tuple(dict.fromkeys(args.target))
+    targets = target_names() if "all" in args.target else tuple(dict.fromkeys(args.target))
     result = run_matrix(pipe, Path(args.out), targets=targets, steps=args.steps, runs=args.runs,
                         log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(result, indent=2))
@@ -335,15 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_attention_maps)
 
-    targets = ["executorch", "onnx", "tensorrt", "coreml", "all"]
+    from targets import EXPORT_PRECISIONS, target_names
+
+    targets = [*target_names(), "all"]
     s = sub.add_parser("export", help="compile every component to a target as a self-describing bundle")
     s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
     s.add_argument("--target", action="append", required=True, choices=targets,
                    help="repeatable; 'all' for every target")
-    s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+    s.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
                    help="fp16: half the bytes, looser parity floor")
-    s.add_argument("--plan", default=None, help="per-layer precision plan JSON (quantization issue)")
-    s.add_argument("--calib", default=None, help="calibration set directory (quantization issue)")
+    s.add_argument("--plan", default=None, help="per-layer precision plan JSON (toolkit plan); the bundle is named for what the target applied")
+    s.add_argument("--calib", default=None, help="calibration set directory (toolkit calibrate); needed when the plan quantizes activations")
     s.add_argument("--steps", type=int, default=None, help="sampler steps baked into the manifest")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale baked into the manifest")
     s.add_argument("--quality-budget", default=None,
@@ -396,12 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_third_party() -> None:
+    """Keep the libraries' import-time chatter off the user's terminal (set by the CLI only, never at
+    import: STYLE.md rule 9). torchao logs "Failed to load ..._C.so" on every import where its
+    optional C++ kernels do not match this torch, coremltools warns about the untested torch
+    version, and PyTorch's exporters emit FutureWarning/DeprecationWarning per call; none of it is
+    actionable for a user of the toolkit. Errors still reach the terminal."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "coremltools", "torch.onnx", "torch._export", "torch.export", "executorch",
+                 "onnxruntime", "root"):
+        logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
     from toolkit.checkpoint_errors import CheckpointError
     from toolkit.config import ConfigError
     from toolkit.export_errors import ParityError, QualityBudgetError
 
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, FileExistsError, ValueError, NotImplementedError, ParityError,
