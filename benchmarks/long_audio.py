@@ -16,6 +16,16 @@ largest attention-score tensors (``toolkit.generate.attention_bytes``).
 ExecuTorch is not measured here yet (exports at each length are the bundle issue's).
 
     OMP_NUM_THREADS=2 python benchmarks/long_audio.py --config paper --multiples 1 2 4 8 16 --runs 5
+
+``--quality``: the demo checkpoint (``--checkpoint``) on synthetic labelled pairs as long as
+``--multiples`` × its training length (written by ``toolkit.data.synth`` with ``--data-seed``, 16 kHz,
+resampled to the model's rate), generated four ways — segments, windows, one pass dense, one pass
+LiteFocus — and scored over the whole track: chord accuracy and cosine, key, tempo, beat alignment
+(``toolkit.evaluate.score_tracks``), the onset strength within 30 ms of the would-be segment seams
+over its mean elsewhere (1: the seams are not special), and the Fréchet distance of log-mel frame
+statistics to the true accompaniments (``calibration.quality.log_mel_frechet``).
+
+    python benchmarks/long_audio.py --quality --multiples 1 4 16 --max-tracks 8 --steps 32
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -92,7 +104,7 @@ def measure(job: dict) -> dict:
         by_module = counter.get_flop_counts()
         attn_flops = sum(sum(v.values()) for k, v in by_module.items() if k.endswith(".attn"))
         cross_flops = sum(sum(v.values()) for k, v in by_module.items() if k.endswith(".cross"))
-        for _ in range(job["warmup"]):
+        for _ in range(job["warmup"] if job["runs"] else 0):
             call()
         ms, shares = [], {"soft_alignment": [], "cross": []}
         for _ in range(job["runs"]):
@@ -104,6 +116,8 @@ def measure(job: dict) -> dict:
             ms.append(1e3 * wall)
             for k in spent:
                 shares[k].append(spent[k] / wall)
+        if not ms:  # --runs 0: FLOPs and memory only
+            ms, shares = [float("nan")], {k: [float("nan")] for k in shares}
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pipe = Pipeline(config=PipelineConfig(name="bench"), denoiser=model, vae=OobleckVAE(OOBLECK_PRESETS["tiny"]))
     scores = attention_bytes(pipe, frames, batch=CFG_BATCH, litefocus=lf)
@@ -116,6 +130,84 @@ def measure(job: dict) -> dict:
         "peak_rss_mib": rss_peak, "rss_rise_mib": rss_peak - rss_before,
         "global_scores_mib": scores["global_attention"] / 2**20, "cross_scores_mib": scores["cross_attention"] / 2**20,
     }
+
+
+SEAM_WINDOW_S = 0.03
+QUALITY_METHODS = ("segments", "windows", "onepass dense", "onepass litefocus")
+
+
+def seam_onset_ratio(audio: np.ndarray, sample_rate: int, segment_s: float) -> float | None:
+    """Mean onset strength within ±30 ms of every multiple of ``segment_s`` over its mean elsewhere."""
+    from toolkit.data.music import onset_strength
+
+    if audio.shape[-1] <= segment_s * sample_rate:
+        return None
+    env, fps = onset_strength(audio, sample_rate)
+    times = np.arange(env.size) / fps
+    seams = np.arange(segment_s, times[-1], segment_s)
+    if seams.size == 0:
+        return None
+    near = (np.abs(times[:, None] - seams[None]) <= SEAM_WINDOW_S).any(axis=1)
+    rest = env[~near].mean()
+    return float(env[near].mean() / rest) if rest > 0 else None
+
+
+def quality(args) -> tuple[list[dict], str]:
+    import tempfile
+
+    from calibration.quality import log_mel_frechet
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.data.stems import list_tracks, load_track
+    from toolkit.data.synth import write_synth_dataset
+    from toolkit.evaluate import score_tracks
+    from toolkit.generate import generate_accompaniment
+    from toolkit.models.litefocus import LiteFocusConfig
+
+    pipe = load_checkpoint(args.checkpoint)
+    segment_s = pipe.segment_samples / pipe.sample_rate
+    guidance = pipe.config.default_guidance
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for multiple in args.multiples:
+            data = Path(tmp) / f"x{multiple}"
+            write_synth_dataset(data, n=args.max_tracks, seconds=multiple * segment_s, sample_rate=16000,
+                                channels=1, seed=args.data_seed)
+            tracks = [load_track(p, sample_rate=pipe.sample_rate, channels=pipe.audio_channels)
+                      for p in list_tracks(data)]
+            truth = [t.accompaniment for t in tracks]
+            for method in QUALITY_METHODS:
+                mode = method.split()[0]
+                lf = LiteFocusConfig(ratio=args.compensation, seed=args.seed) if method.endswith("litefocus") else None
+                rendered = {}
+
+                def render(track, mode=mode, lf=lf, rendered=rendered):
+                    rendered[track.name] = generate_accompaniment(
+                        pipe, track.vocals, steps=args.steps, guidance=guidance, seed=args.seed, mode=mode,
+                        litefocus=lf, max_frames=1 << 20)
+                    return rendered[track.name]
+
+                t0 = time.time()
+                scores = score_tracks(pipe, data, render, show_progress=False)
+                seams = [seam_onset_ratio(rendered[t.name], pipe.sample_rate, segment_s) for t in tracks]
+                seams = [x for x in seams if x is not None]
+                rows.append({"multiple": multiple, "method": method, "tracks": len(tracks),
+                             **{k: v for k, v in scores.items() if k != "per_track"},
+                             "seam_onset_ratio": float(np.mean(seams)) if seams else None,
+                             "log_mel_fd": log_mel_frechet([rendered[t.name] for t in tracks], truth,
+                                                           pipe.sample_rate),
+                             "wall_s": time.time() - t0})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    lines = ["| length (× training) | method | chord accuracy ↑ | chord cosine ↑ | key or relative ↑ | tempo ↑ | "
+             "beat alignment ↑ | seam onsets (1: none) | log-mel FD ↓ |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    for r in rows:
+        lines.append(f"| {r['multiple']}× | {r['method']} | {f(r['chord_accuracy'])} | {f(r['chord_cosine'])} | "
+                     f"{f(r['key_correct_or_relative'])} | {f(r['tempo_match'])} | {f(r['beat_alignment'])} | "
+                     f"{f(r['seam_onset_ratio'])} | {r['log_mel_fd']:.2f} |")
+    return rows, "\n".join(lines)
 
 
 def run_worker(job: dict, timeout_s: float) -> dict:
@@ -141,7 +233,7 @@ def build_table(rows: list[dict]) -> str:
             lines.append(f"| {r['multiple']}× | | {r['attention']} | {r['error']} | | | | | | | |")
             continue
         ref = dense.get(r["multiple"])
-        speed = f"{ref['p50_ms'] / r['p50_ms']:.2f}×" if ref else ""
+        speed = f"{ref['p50_ms'] / r['p50_ms']:.2f}×" if ref and r["p50_ms"] == r["p50_ms"] else ""
         lines.append(
             f"| {r['multiple']}× | {r['frames']} | {r['attention']} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | "
             f"{speed} | {100 * r['soft_alignment_time_share']:.0f} % / {100 * r['soft_alignment_flop_share']:.0f} % | "
@@ -158,18 +250,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
     p.add_argument("--compensation", type=float, default=0.1, help="LiteFocus r")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=5, help="timed calls per row (0: FLOPs and memory only)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per row")
     p.add_argument("--no-record", action="store_true", help="print the table, do not append to BENCHMARKS.md")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--quality", action="store_true", help="quality vs length on the demo instead of cost")
+    p.add_argument("--checkpoint", default=None, help="--quality: checkpoint (default: the embedded demo)")
+    p.add_argument("--max-tracks", type=int, default=8, help="--quality: pairs per length")
+    p.add_argument("--steps", type=int, default=32, help="--quality: DDIM steps")
+    p.add_argument("--data-seed", type=int, default=1000, help="--quality: seed of the synthetic pairs")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
     t0 = time.time()
+    if args.quality:
+        rows, table = quality(args)
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        if not args.no_record:
+            notes = (f"Checkpoint `{args.checkpoint or 'demo (embedded)'}`; per length {args.max_tracks} synthetic "
+                     f"labelled pairs (`toolkit data synth`, seed {args.data_seed}), {args.steps} DDIM steps, the "
+                     f"checkpoint's guidance, seed {args.seed}; LiteFocus r = {args.compensation}, band = half the "
+                     f"training bottleneck. Seam onsets: onset strength within 30 ms of each multiple of the "
+                     f"training length over elsewhere. Log-mel FD: Fréchet distance of log-mel frame statistics "
+                     f"to the true accompaniments.")
+            append_section("Long audio: quality vs length on the demo (segments, windows, one pass)",
+                           command=command_line(__file__, argv), wall_s=time.time() - t0, notes=notes, table=table)
+        return 0
     rows = []
     for multiple in args.multiples:
         for attention in args.attention:
@@ -183,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if not args.no_record:
-        notes = (f"One `{args.config}` denoiser call (random weights, CFG batch {CFG_BATCH}) per row, at multiples "
+        notes = (("Untimed (--runs 0): FLOPs and memory only. " if args.runs == 0 else "") +
+                 f"One `{args.config}` denoiser call (random weights, CFG batch {CFG_BATCH}) per row, at multiples "
                  f"of its training length, {args.threads} threads, eager PyTorch; LiteFocus r = "
                  f"{args.compensation}, band = half the training bottleneck, on the global attention only "
                  f"(the cross-attention stays dense). Shares: time inside the modules (hooks) / their share "

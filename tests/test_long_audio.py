@@ -209,3 +209,17 @@ def test_long_audio_benchmark_rows_at_tiny_size():
     assert by[(4, "litefocus")]["global_scores_mib"] < by[(4, "dense")]["global_scores_mib"]
     table = build_table(rows + [{"multiple": 8, "attention": "dense", "error": "timeout after 1 s"}]).splitlines()
     assert len(table) == 2 + 5 and "timeout" in table[-1] and "1.00×" in table[2]
+
+
+def test_seam_onset_ratio_sees_clicks_at_the_seams():
+    from benchmarks.long_audio import seam_onset_ratio
+
+    sr, seg = 2000, 0.5
+    rng = np.random.default_rng(0)
+    audio = 0.01 * rng.standard_normal((1, 4 * sr)).astype(np.float32)
+    smooth = seam_onset_ratio(audio, sr, seg)
+    clicked = audio.copy()
+    for k in (1, 2, 3):
+        clicked[0, int(k * seg * sr):int(k * seg * sr) + 20] += 1.0
+    assert seam_onset_ratio(clicked, sr, seg) > 3 * smooth
+    assert seam_onset_ratio(audio[:, :sr // 4], sr, seg) is None  # shorter than a segment: no seam
