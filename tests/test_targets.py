@@ -26,7 +26,7 @@ from runtime_py.runners import (
 )
 from calibration.precision import LayerPrecision
 from targets import TARGETS, ComponentArtifact, get_target
-from targets.tensorrt import BUILD_SCRIPT, write_build_script
+from targets.tensorrt import BUILD_SCRIPT, ENGINES_FILE, write_build_script
 from toolkit.checkpoint import Pipeline, PipelineConfig
 from toolkit.components import COMPONENTS, component_specs
 from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
@@ -294,9 +294,9 @@ def test_tensorrt_onnx_is_prepared_and_matches_torch(component, tensorrt_bundle,
 def test_tensorrt_build_script(tensorrt_bundle, tmp_path):
     out, artifacts, script = tensorrt_bundle
     assert script == out / BUILD_SCRIPT and script.is_file()
-    source = script.read_text()
+    entries = {e["component"]: e for e in json.loads((out / ENGINES_FILE).read_text())}
     for art in artifacts.values():
-        assert art.path in source and art.details["plan"] in source
+        assert entries[art.component]["onnx"] == art.path and entries[art.component]["plan"] == art.details["plan"]
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
                                text=True, check=True, timeout=60).stdout
     assert "--fp16" in help_text and "--only" in help_text
@@ -304,7 +304,8 @@ def test_tensorrt_build_script(tensorrt_bundle, tmp_path):
     extras = tmp_path / "bundle"
     entries = {name: {"path": art.path, "precision": art.precision, "details": art.details}
                for name, art in artifacts.items()}
-    assert get_target("tensorrt").write_extras(extras, entries).read_text() == source
+    assert get_target("tensorrt").write_extras(extras, entries).read_text() == script.read_text()
+    assert json.loads((extras / ENGINES_FILE).read_text()) == json.loads((out / ENGINES_FILE).read_text())
 
 
 def test_tensorrt_runner_is_unavailable_without_gpu(tmp_path):

@@ -21,7 +21,7 @@ from calibration.fakequant import quantizable_leaves
 from calibration.precision import LayerPrecision
 from runtime_py.runners import load_runner
 from targets import get_target, qdq
-from targets.tensorrt import BUILD_SCRIPT, build_engine, qdq_problems, write_build_script
+from targets.tensorrt import BUILD_SCRIPT, ENGINES_FILE, build_engine, qdq_problems, write_build_script
 from toolkit.checkpoint import Pipeline, PipelineConfig
 from toolkit.components import ComponentSpec, component_specs
 from toolkit.models.oobleck import OOBLECK_PRESETS, OobleckVAE
@@ -389,7 +389,9 @@ def test_build_script_builds_qdq_graphs_strongly_typed(w8a8, tmp_path):
     art, _ = w8a8["tensorrt", "vae_decoder"]
     source = write_build_script(tmp_path, [art]).read_text()
     assert (tmp_path / BUILD_SCRIPT).is_file()
-    assert "'qdq': True" in source and "'fp16': False" in source
+    entries = json.loads((tmp_path / ENGINES_FILE).read_text())
+    assert entries == [{"component": "vae_decoder", "onnx": art.path, "plan": art.details["plan"],
+                        "fp16": False, "qdq": True}]
     assert "STRONGLY_TYPED" in source and "BuilderFlag.INT8" in source
     with pytest.raises(ValueError, match="fp16 does not apply"):
         build_engine(tmp_path / art.path, tmp_path / "x.plan", fp16=True, qdq=True)
