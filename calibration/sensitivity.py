@@ -30,6 +30,7 @@ from calibration.sampling import load_calibration_set
 from runtime_py.metrics import capped_snr_db, log_mel_l1, snr_db
 from toolkit.atomic import write_text_atomically
 from toolkit.checkpoint import Pipeline
+from toolkit.fingerprint import module_digest, tree_digest
 from toolkit.generate import decode_latent, sample_latent
 
 FORMAT_VERSION = 1
@@ -96,9 +97,12 @@ def sensitivity(
     unknown = [n for n in names if n not in sizes]
     if unknown:
         raise KeyError(f"not quantizable leaves of the denoiser: {unknown}")
-    settings = {"calib": str(calib_dir), "strategy": calib.manifest["strategy"], "steps": steps,
+    # Inputs by resolved path and content: a path typed another way resumes, other files do not.
+    settings = {"calib": str(Path(calib_dir).resolve()), "calib_sha256": tree_digest(calib_dir),
+                "strategy": calib.manifest["strategy"], "steps": steps,
                 "guidance": guidance, "n_eval": n_eval, "precisions": list(precisions),
-                "observer": observer, "model": pipeline.config.name}
+                "observer": observer, "model": pipeline.config.name,
+                "denoiser_sha256": module_digest(pipeline.denoiser)}
     out_path = Path(out_path)
     table = None
     if resume and out_path.is_file():

@@ -184,3 +184,17 @@ def test_export_summary_says_what_was_applied_and_how_it_was_checked():
     assert "precision applied: fp32-from-w8a16 (requested w8a16)" in text
     assert "1 planned layers not lowered as requested" in text and "target rule" in text
     assert "denoiser 31.2 dB" in text and "simulation of the plan" in text
+
+
+def test_tree_digest_follows_content_not_the_path_as_typed(tmp_path):
+    from toolkit.fingerprint import tree_digest
+
+    root = tmp_path / "calib"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.bin").write_bytes(b"abc")
+    (root / "sub" / "b.bin").write_bytes(b"def")
+    (root / ".partial").write_bytes(b"ignored")
+    first = tree_digest(root)
+    assert tree_digest(tmp_path / "calib" / "sub" / "..") == first  # typed another way: same inputs
+    (root / "sub" / "b.bin").write_bytes(b"deg")
+    assert tree_digest(root) != first  # same path, other content: another input

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 from toolkit.checkpoint import Pipeline, load_checkpoint, save_checkpoint
 from toolkit.config import register, require
 from toolkit.diffusion import CosineSchedule, alpha_sigma, diffuse, guided_denoiser, x0_from_v
+from toolkit.fingerprint import module_digest, tree_digest
 from toolkit.training import save_state
 
 STATE_FILE = "distill_state.pt"
@@ -300,16 +300,6 @@ def distill_loss(
 # --- data -------------------------------------------------------------------------------------------
 
 
-def module_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's tensors (names, dtypes, shapes, bytes): identifies a teacher or a VAE."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def encode_latent_pairs(pipeline: Pipeline, data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(vocal, accompaniment) latents of every whole ``segment_samples`` segment of every track,
@@ -456,7 +446,7 @@ def _distill(teacher: Pipeline, data_dir: Path, out_dir: Path, args: DistillArgs
     writer = dist.rank == 0
     t_start = time.time()
     arg_dict = {**dataclasses.asdict(args), "guidance": guidance,
-                "data": str(data_dir.resolve()),
+                "data": str(data_dir.resolve()), "data_sha256": tree_digest(data_dir),
                 "teacher": str(teacher.path.resolve()) if teacher.path is not None else None,
                 "teacher_sha256": module_digest(teacher.denoiser)}
 
