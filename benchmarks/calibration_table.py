@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import calibration.coverage as coverage  # noqa: E402
+from calibration.vocal_features import measure_features  # noqa: E402
 from calibration.fakequant import OBSERVERS, activation_ranges, quantizable_leaves, quantized_copy  # noqa: E402
 from calibration.precision import PRECISIONS  # noqa: E402
 from calibration.quality import log_mel_frechet  # noqa: E402
@@ -144,7 +145,7 @@ def measure(ref_latent, ref_audio, latent, audio, *, spread, truth, fd_fp, sampl
 def plain_coverage(pipe: Pipeline, data: Path, max_tracks: int | None) -> tuple[int, int]:
     """(covered bins, total bins) of the conditioning set as it is (calibrate measures it only
     when it augments)."""
-    vectors = [coverage.coverage_vector(coverage.measure_features(a, pipe.sample_rate))
+    vectors = [coverage.coverage_vector(measure_features(a, pipe.sample_rate))
                for _, a in load_vocal_clips(pipe, data, max_tracks=max_tracks)]
     return int(coverage.global_coverage(vectors).sum()), len(coverage.bin_names())
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import pytest
 
+from calibration import caption_coverage as cc
 from calibration import coverage as cv
 from calibration import quality
 
@@ -148,10 +149,10 @@ def test_augment_audio_reaches_coverage_and_removes_redundancy():
 
 def test_augment_captions_covers_every_topic_with_templates():
     captions = ["a dog barking in the distance", "a dog barking in the distance", "piano music"]
-    final, report = cv.augment_captions(captions, max_iterations=3)
+    final, report = cc.augment_captions(captions, max_iterations=3)
     assert report["full_coverage"] and report["uncovered"] == []
     assert report["redundancy"] == 0
-    assert cv.redundancy([cv.caption_vector(c) for c in final]) == 0
+    assert cv.redundancy([cc.caption_vector(c) for c in final]) == 0
     assert "piano music" in final
 
 
@@ -452,7 +453,7 @@ def test_resynthesis_below_the_synthesizer_rate():
     """The 2 kHz demo's coverage loop resynthesizes below the synthesizer's 8 kHz floor."""
     import numpy as np
 
-    from calibration.coverage import resynthesize
+    from calibration.vocal_transforms import resynthesize
 
     y = resynthesize(np.random.default_rng(0), seconds=1.0, sample_rate=2000)
     assert y.shape[-1] == 2000 and np.isfinite(y).all() and np.abs(y).max() > 0
