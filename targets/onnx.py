@@ -214,6 +214,8 @@ def apply_rounding(model, plan, quantized) -> dict[str, str]:
             q, scale = chosen.q.numpy(), chosen.scale.numpy()
             if list(q.shape) != dims and q.ndim == 2 and list(q.T.shape) == dims:
                 q = q.T  # MatMul [K, N]
+            elif list(q.shape) != dims and dims == [*q.shape, 1]:
+                q = q.reshape(dims)  # a 1-D convolution rewritten as 2-D with a (k×1) kernel (TensorRT)
             if list(q.shape) != dims:
                 raise RuntimeError(f"{NAME}: {layer}: rounding {list(chosen.q.shape)} does not fit the "
                                    f"initialiser {dims}")
