@@ -1,9 +1,18 @@
 """ExecuTorch with XNNPACK: ``torch.export`` → ``to_edge_transform_and_lower`` → ``.pte``.
 
+The whole graph goes to XNNPACK: before partitioning, the edge-dialect passes of
+:mod:`targets.xnnpack_graph` rewrite every op that the installed executorch's XNNPACK
+partitioner does not claim (GroupNorm, split, no-op and broadcast expands, nearest-neighbour
+upsampling, casts of constants) into ops it does, and one ``XnnpackPartitioner`` takes float,
+static int8 and dynamically quantized (per-step) ops together. On the SoftAlign denoiser and
+the Oobleck VAE that is one or two delegates and nothing outside, fp32 and int8 (it was 40
+delegates with 31 portable GroupNorms for the ``paper`` denoiser).
+
 What is lowered is recorded, not assumed (STYLE.md rule 6): ``details["delegation"]`` counts the
-call_function ops inside the XNNPACK delegates and those left outside them (which run on
-ExecuTorch's portable kernels, with layout copies between delegates), names the ones left outside,
-and counts the delegates. A component that is not fully delegated still exports; the figures say so.
+call_function ops inside the XNNPACK delegates by op name (``delegated_ops``) and those left
+outside them (``non_delegated_ops``; they run on ExecuTorch's portable kernels, with copies
+between delegates), and counts the delegates; ``details["graph_passes"]`` says what the passes
+rewrote. A component that is not fully delegated still exports; the figures say so.
 
 The program also carries a constant method ``io_names`` (a uint8 tensor holding the UTF-8 JSON
 ``{"inputs": [...], "outputs": [...]}``), so that a runner can map tensors to names without the
@@ -38,7 +47,10 @@ fake-quantized estimate over 8 calibration examples gave 29.9 dB mean, 19.8 dB w
 001's premise); one scale per tensor has to cover all of them, one scale per time step does not.
 The price is speed (BENCHMARKS.md): per-step computes its scales per call and copies the im2col
 taps, 0.77× eager fp32 for the paper denoiser against 0.56× static, and 0.74× against 0.30× for
-the SAO decoder, whose kernel-7 convolutions copy seven taps.
+the SAO decoder, whose kernel-7 convolutions copy seven taps. Those speeds were measured with
+the graph cut into 40 delegates (GroupNorm, split and expand outside XNNPACK, and every
+per-step linear its own delegate); they are to be measured again on the whole graph
+(benchmarks/int8_scheme.py) before the default is chosen again.
 
 Positive selection by module name needs ``nn_module_stack`` on the weight ``get_attr`` nodes,
 which ``torch.export`` leaves empty (NOTES.md); it is filled from the attribute path before
@@ -184,12 +196,23 @@ def conv1d_as_linear(module, names):
                     self.linear.bias.copy_(conv.bias)
 
         def forward(self, x):
-            if self.padding:
-                x = F.pad(x, (self.padding, self.padding))
-            t_out = (x.shape[-1] - self.dilation * (self.k - 1) - 1) // self.stride + 1
-            span = self.stride * (t_out - 1) + 1
-            taps = [x[:, :, j * self.dilation: j * self.dilation + span: self.stride]
-                    for j in range(self.k)]
+            b, c, length = x.shape
+            length += 2 * self.padding
+            t_out = (length - self.dilation * (self.k - 1) - 1) // self.stride + 1
+            # Tap j reads x[j·d + s·i] for i < t_out. Taken as a step-1 slice of s·t_out samples,
+            # viewed (t_out, s) and cut to column 0: XNNPACK slices with step 1 only. The right
+            # pad covers the s − 1 samples past the last tap that the view reads.
+            extra = max(0, (self.k - 1) * self.dilation + self.stride * t_out - length)
+            if self.padding or extra:
+                x = F.pad(x, (self.padding, self.padding + extra))
+            taps = []
+            for j in range(self.k):
+                start = j * self.dilation
+                tap = x if (start, self.stride * t_out) == (0, x.shape[-1]) else \
+                    x[:, :, start: start + self.stride * t_out]  # a whole-range slice is an alias
+                if self.stride > 1:
+                    tap = tap.reshape(b, c, t_out, self.stride)[..., :1].reshape(b, c, t_out)
+                taps.append(tap)
             cols = taps[0] if self.k == 1 else torch.cat(taps, dim=1)
             rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B·T', k·C): one row per step
             out = self.linear(rows).reshape(x.shape[0], t_out, -1)
@@ -428,48 +451,17 @@ def _applied_from_graph(exported, plan: dict) -> dict:
     return out
 
 
-def _drop_identity_copies(graph_module):
-    """Remove contiguous-copy nodes whose input is already contiguous (an edge pass).
-
-    The time-major linears (:func:`conv1d_as_linear`) reshape transposed tensors, which export
-    records as permute → clone(contiguous) → view. In the edge dialect ``permute_copy`` (and
-    every other op here) writes a new contiguous tensor, so the clone copies nothing; XNNPACK
-    removes such copies when it preprocesses a partition, and a partition left holding only
-    that clone passes its input straight through, which the delegate refuses ("Output node ...
-    is already in the inputs").
-    """
-    from torch.fx.passes.infra.pass_base import PassResult
-
-    changed = False
-    for node in list(graph_module.graph.nodes):
-        if node.op != "call_function" or "_clone_dim_order" not in str(node.target):
-            continue
-        src = node.args[0]
-        val = getattr(src, "meta", {}).get("val")
-        rank = getattr(val, "dim", lambda: None)()
-        if rank is None or not val.is_contiguous():
-            continue
-        if list(node.kwargs.get("dim_order") or range(rank)) != list(range(rank)):
-            continue
-        node.replace_all_uses_with(src)
-        graph_module.graph.erase_node(node)
-        changed = True
-    if changed:
-        graph_module.recompile()
-    return PassResult(graph_module, changed)
-
-
 def export(spec, *, precision: str, plan: dict | None, calib: list | None,
            out_dir: Path) -> ComponentArtifact:
     check_export_args(NAME, precision=precision, plan=plan, calib=calib, spec=spec)
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner,
         XnnpackPartitioner,
     )
     from executorch.exir import to_edge_transform_and_lower
 
     from targets import lowering_report, plan_label
+    from targets.xnnpack_graph import whole_graph_passes
 
     lowering = None
     if plan is not None and any(p.weights in ("int8", "int4") for p in plan.values()):
@@ -484,16 +476,15 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
         module = spec.module.eval() if precision == "fp32" else half_with_float_io(spec.module)
         exported = torch.export.export(module, tuple(spec.example_inputs))
     names = json.dumps({"inputs": list(spec.input_names), "outputs": list(spec.output_names)})
-    partitioners, passes = [XnnpackPartitioner()], []
-    if lowering is not None and any(k in STEP_KINDS for k in lowering["schemes"].values()):
-        # Dynamically quantized linears first, one delegate each (ExecuTorch's own LLM recipe):
-        # merged with their float neighbours they form partitions with dependency cycles around
-        # the ops XNNPACK leaves outside ("Invalid partition, found dependency cycles").
-        partitioners.insert(0, XnnpackDynamicallyQuantizedPartitioner(per_op_mode=True))
-        passes.append(_drop_identity_copies)
+    # Everything XNNPACK can run, in as few delegates as the graph allows: the graph passes of
+    # targets.xnnpack_graph rewrite the ops XNNPACK's partitioner does not claim (GroupNorm,
+    # split, expand, nearest upsampling, casts of constants) into ones it does, and one
+    # partitioner takes float, static int8 and dynamically quantized (per-step) ops together.
+    pass_manager, rewrites = whole_graph_passes()
+    partitioners = [XnnpackPartitioner()]
     edge = to_edge_transform_and_lower(
         exported,
-        transform_passes=passes,
+        transform_passes=pass_manager,
         partitioner=partitioners,
         constant_methods={IO_NAMES_METHOD: torch.tensor(list(names.encode()), dtype=torch.uint8)},
     )
@@ -518,6 +509,7 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
             "io_names_method": IO_NAMES_METHOD,
             "fp16_kept_float32": [n for n, t in zip(spec.input_names, spec.example_inputs)
                                   if precision == "fp16" and t.dim() <= 1],
+            "graph_passes": dict(sorted(rewrites.items())),
             "delegation": coverage,
         },
     )

@@ -76,10 +76,10 @@ def test_lowering_report_is_read_from_the_graph(denoiser_export):
                                                 "granularity": "per_channel"}
     assert "per time step" in report["mid.0.conv2"]["why"]
     assert art.details["lowering"]["differs"] == sorted(["conv_in", "mid.0.conv2"], key=list(plan).index)
-    # The dynamically quantized linears are their own delegates; nothing is left un-lowered that
-    # XNNPACK could run (group norm is not an XNNPACK op).
-    assert art.details["partitioner"].startswith("XnnpackDynamicallyQuantizedPartitioner(per op)")
-    assert art.details["delegation"]["delegates"] > 1
+    # One partitioner takes the float, static and per-step ops together; the graph passes leave
+    # nothing outside XNNPACK (tests/test_targets_executorch_graph.py checks the details).
+    assert art.details["partitioner"] == "XnnpackPartitioner"
+    assert art.details["delegation"]["fully_delegated"]
 
 
 def test_quantized_program_runs_and_stays_close(denoiser_export, specs, tmp_path):
@@ -95,8 +95,8 @@ def test_quantized_program_runs_and_stays_close(denoiser_export, specs, tmp_path
 
 
 def test_int8_program_is_small_where_weights_dominate(tmp_path):
-    # Each dynamically quantized linear is its own delegate with its own header, so on the tiny
-    # model (a few KB of weights) the int8 program is not smaller; at 64/128 channels it is.
+    # On the tiny model (a few KB of weights) per-delegate headers and quantization parameters
+    # outweigh the weights; at 64/128 channels the int8 program is smaller.
     import dataclasses
 
     torch.manual_seed(0)
