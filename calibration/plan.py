@@ -1,4 +1,4 @@
-"""Quantization plans (DESIGN.md): a default precision, per-layer overrides by FQN, and the budget.
+"""Quantization plans (ARCHITECTURE.md): a default precision, per-layer overrides by FQN, and the budget.
 
 A preset names the default (``w8a16``, ``w8a8``, ``w4a8``) and keeps the layers the literature
 finds fragile at a higher precision (fp16 weights and activations): the first and last
@@ -326,7 +326,7 @@ def make_plan(preset: str, sizes: dict[str, dict[str, int]], fp32_bytes: int, *,
               sensitivity: dict | None = None, sensitivity_source: str | None = None, model: str | None = None,
               min_snr_db: float = DEFAULT_MIN_SNR_DB, vae_decoder_layers: list[str] | None = None,
               keep_high: tuple[str, ...] | None = None) -> dict:
-    """The plan JSON (DESIGN.md): default, overrides by FQN, sensitivity figures and budget.
+    """The plan JSON (ARCHITECTURE.md): default, overrides by FQN, sensitivity figures and budget.
 
     ``keep_high``: the model family's patterns of layers a preset keeps high (default: SoftAlign's);
     a pattern that matches no layer is an error.

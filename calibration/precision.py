@@ -1,4 +1,4 @@
-"""Per-layer precision entries of a plan (DESIGN.md), without torch: plans are data."""
+"""Per-layer precision entries of a plan (ARCHITECTURE.md), without torch: plans are data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distribution and perceptual quality measures that need no downloaded weights (DESIGN.md).
+"""Distribution and perceptual quality measures that need no downloaded weights (ARCHITECTURE.md).
 
 - :func:`frechet_distance`: the Fréchet distance between two Gaussians fitted to two sets of
   frame embeddings, ‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) — the FAD formula (Kilgour et

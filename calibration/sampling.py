@@ -18,7 +18,7 @@ over every element of the step's batch. Then, in the paper's words adapted to ti
 Baselines: ``uniform`` (p_i = 1 / steps, Q-Diffusion) and ``normal`` (PTQ4DM: t ~ N(0.4, 0.4)
 on t ∈ [0, 1], clamped to the grid's ends, each step taking the mass nearest to it).
 
-The calibration set (DESIGN.md) is a directory written atomically: ``manifest.json``,
+The calibration set (ARCHITECTURE.md) is a directory written atomically: ``manifest.json``,
 ``intermediates.safetensors`` (x_t, t, cond, step, example, layer), ``conditioning.safetensors``
 (every example's conditioning latent and initial noise, for evaluations that reuse them),
 ``layer_stats.json`` and ``coverage.json``.
@@ -272,7 +272,7 @@ def calibrate(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
-    """Build the calibration set of DESIGN.md from the vocals of ``data_dir`` (see module doc)."""
+    """Build the calibration set of ARCHITECTURE.md from the vocals of ``data_dir`` (see module doc)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if size < 1 or steps < 1:

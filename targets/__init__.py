@@ -144,7 +144,7 @@ def check_export_args(target: str, *, precision: str, plan: dict | None,
 
 
 def lowering_report(requested: dict, applied: dict) -> dict:
-    """The lowering report of one component (DESIGN.md): per planned layer, requested vs applied.
+    """The lowering report of one component (ARCHITECTURE.md): per planned layer, requested vs applied.
 
     ``requested``: FQN → LayerPrecision (the resolved plan); ``applied``: FQN → (LayerPrecision
     actually applied, reason or None). Every requested layer must be accounted for.

@@ -1,4 +1,4 @@
-"""``toolkit export``: one self-describing bundle per target (DESIGN.md's Bundle contract).
+"""``toolkit export``: one self-describing bundle per target (ARCHITECTURE.md's Bundle contract).
 
 A bundle holds ``manifest.json``, the three component files, and ``reference/`` (see
 :mod:`toolkit.reference`). Parity against PyTorch is part of export (:mod:`toolkit.parity`); a

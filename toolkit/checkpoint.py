@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md): ``pipeline.json`` + ``denoiser/`` + ``vae/``, each config.json + model.safetensors.
+"""Checkpoints (ARCHITECTURE.md): ``pipeline.json`` + ``denoiser/`` + ``vae/``, each config.json + model.safetensors.
 
 A checkpoint is written to a temporary sibling directory and renamed when complete. Loading checks
 every file before any weight is used: an unreadable or truncated file, a config that does not
@@ -138,7 +138,7 @@ def save_checkpoint(out_dir: Path, pipeline: Pipeline, *, overwrite: bool = Fals
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; a checkpoint needs pipeline.json, "
-                              "denoiser/ and vae/ (see DESIGN.md)")
+                              "denoiser/ and vae/ (see ARCHITECTURE.md)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
