@@ -308,7 +308,9 @@ def test_int4_linear_weights_are_block_dequantized(target, int4, linear_spec):
 
 def test_tensorrt_export_refuses_a_graph_that_breaks_the_rules(linear_spec, tmp_path, monkeypatch):
     # Without the positive-scale rewrite, MatMulNBitsQuantizer's signed INT4 scales remain.
-    monkeypatch.setattr(qdq, "positive_int4_scales", lambda model, weights: None)
+    from targets import qdq_passes
+
+    monkeypatch.setattr(qdq_passes, "positive_int4_scales", lambda model, weights: None)
     with pytest.raises(ValueError, match="scales must all be positive"):
         get_target("tensorrt").export(linear_spec, precision="fp32", plan=INT4_PLAN,
                                       calib=calibration_feeds(linear_spec, 2), out_dir=tmp_path)
