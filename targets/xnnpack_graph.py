@@ -26,6 +26,11 @@ before partitioning, into ones XNNPACK claims, computing the same values:
 | ops on constants only (``arange`` of the     | folded into constants (executorch's                   |
 | timestep embedding, scalar constants cast    | ``constant_prop_pass``; quantize / dequantize ops are |
 | by ``_to_dim_order_copy``)                   | never folded, so int8 weights stay int8)              |
+| ``_clone_dim_order`` / ``_to_dim_order_copy`` | removed: every edge op writes a contiguous tensor     |
+| of a contiguous tensor, same dtype           |                                                       |
+| a static ``dequantize_per_tensor`` read by   | one copy per reader, so the node groups of XNNPACK's  |
+| several ops (int8 graphs)                   | partitioner do not overlap (else: "Invalid partition, |
+|                                             | found dependency cycles")                             |
 
 Each pass counts what it rewrote; :func:`whole_graph_passes` returns the pass manager for
 ``to_edge_transform_and_lower(transform_passes=...)`` and a dict that fills with those counts
@@ -72,7 +77,7 @@ def _emit(graph, target, args: tuple, kwargs: dict | None = None, *, like):
 
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node", "debug_handle"):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node"):
         if key in like.meta:
             node.meta[key] = like.meta[key]
     fake_args, fake_kwargs = pytree.tree_map(
@@ -386,9 +391,9 @@ def fold_constants(exported_program, counts: Counter) -> bool:
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     before = sum(1 for n in exported_program.graph.nodes if n.op == "call_function")
-    folded = constant_prop_pass(exported_program)
-    if folded is not exported_program:  # it mutates in place in 1.5.1; be safe otherwise
-        exported_program.__dict__.update(folded.__dict__)
+    if constant_prop_pass(exported_program) is not exported_program:
+        raise RuntimeError("executorch's constant_prop_pass no longer folds in place (it did in 1.5.1); "
+                           "targets.xnnpack_graph.fold_constants must return its new program")
     after = sum(1 for n in exported_program.graph.nodes if n.op == "call_function")
     counts["ops_folded_into_constants"] += before - after
     return after != before
