@@ -6,6 +6,7 @@
 #include <set>
 #include <sstream>
 
+#include "canonical.h"
 #include "sha256.h"
 
 namespace adm {
@@ -60,7 +61,7 @@ Manifest load_manifest(const std::string& bundle) {
   std::stringstream text;
   text << in.rdbuf();
   try {
-    m.raw = json::parse(text.str());
+    m.raw = parse_python_json(text.str());  // json.dumps may write NaN / Infinity
   } catch (const json::parse_error& e) {
     throw BundleError(src + ": not valid JSON (" + e.what() + ")");
   }
@@ -132,6 +133,15 @@ Manifest load_manifest(const std::string& bundle) {
   m.reference_outputs = as<std::string>(field(ref, "outputs", "reference.", src), "reference.outputs", src);
   m.quality_budget = r.at("quality_budget");
   if (!m.quality_budget.is_object()) throw BundleError(src + ": field 'quality_budget' must be an object");
+
+  // The seal (runtime_py.bundle.manifest_digest): a manifest edited after export is refused.
+  if (!r.contains(kDigestField))
+    throw BundleError(src + ": field '" + std::string(kDigestField) +
+                      "' is missing; re-export the bundle with this toolkit (older bundles are not sealed)");
+  if (!r.at(kDigestField).is_string() || r.at(kDigestField).get<std::string>() != manifest_digest(r))
+    throw BundleError(src + ": field '" + std::string(kDigestField) +
+                      "' does not match the manifest's content; the manifest was edited or corrupted after export "
+                      "- re-copy or re-export the bundle");
   return m;
 }
 

@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "bundle.h"
+#include "canonical.h"
 #include "npy.h"
 #include "pipeline.h"
 #include "report.h"
@@ -39,7 +42,9 @@ const char* kUsage = R"(usage:
       generate from float32 vocals (N, C, T) and initial noise (N, D, L); writes vocal_latent.npy,
       latents.npy, audio.npy and timing.json to DIR
   adm-run check BUNDLE
-      the manifest and the sha256 of every file, nothing loaded
+      the manifest (fields, seal) and the sha256 of every file, nothing loaded
+  adm-run digest MANIFEST.json
+      print the manifest's seal as computed here (runtime_py.bundle.manifest_digest)
 options:
   --threads N   ExecuTorch thread pool size (default: the runtime's, one per core)
   --runs N      timed runs after warm-up, per component and end to end (0: no timing; default 5)
@@ -68,8 +73,8 @@ Args parse_args(int argc, char** argv) {
   std::vector<std::string> rest(argv + 1, argv + argc);
   if (rest.empty()) throw std::invalid_argument("no command given");
   a.verb = rest[0];
-  if (a.verb != "verify" && a.verb != "run" && a.verb != "check")
-    throw std::invalid_argument("unknown command '" + a.verb + "'; choose verify, run or check");
+  if (a.verb != "verify" && a.verb != "run" && a.verb != "check" && a.verb != "digest")
+    throw std::invalid_argument("unknown command '" + a.verb + "'; choose verify, run, check or digest");
   std::map<std::string, std::string*> text_flags = {{"--out", &a.out},       {"--outputs", &a.outputs},
                                                     {"--vocals", &a.vocals}, {"--noise", &a.noise},
                                                     {"--out-dir", &a.out_dir}, {"--etdump", &a.etdump}};
@@ -90,6 +95,7 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.bundle.empty()) throw std::invalid_argument(a.verb + ": BUNDLE (a bundle directory) is required");
   while (a.bundle.size() > 1 && a.bundle.back() == '/') a.bundle.pop_back();
+  if (a.verb == "digest") return a;
   if (a.verb == "run" && (a.vocals.empty() || a.noise.empty() || a.out_dir.empty()))
     throw std::invalid_argument("run needs --vocals, --noise and --out-dir");
   return a;
@@ -174,9 +180,10 @@ int verify_bundle(const Args& a, const adm::Manifest& m, json& report, const std
 
 int verify(const Args& a) {
   json report = adm::empty_report(a.bundle);
-  const std::string out =
-      a.out.empty() ? (fs::path(a.bundle).parent_path() / (fs::path(a.bundle).filename().string() + ".report.json")).string()
-                    : a.out;
+  // Default: BUNDLE/../<name>.report.json, as runtime_py writes it (also for BUNDLE = ".").
+  fs::path dir = fs::absolute(a.bundle).lexically_normal();
+  if (dir.filename().empty()) dir = dir.parent_path();
+  const std::string out = a.out.empty() ? (dir.parent_path() / (dir.filename().string() + ".report.json")).string() : a.out;
   const std::function<int(int)> finish = [&](int code) {
     adm::write_json(out, report);
     json summary = {{"status", report["status"]}, {"reason", report["reason"]}, {"report", out}, {"runner", "native"}};
@@ -343,11 +350,22 @@ int main(int argc, char** argv) {
     const Args a = parse_args(argc, argv);
     if (a.verb == "verify") return verify(a);
     if (a.verb == "run") return run(a);
+    if (a.verb == "digest") {
+      std::ifstream in(a.bundle);
+      if (!in) throw adm::InputError(a.bundle + ": cannot be read");
+      std::stringstream text;
+      text << in.rdbuf();
+      std::cout << adm::manifest_digest(adm::parse_python_json(text.str())) << std::endl;
+      return 0;
+    }
     open_bundle(a.bundle);
     std::cout << a.bundle << ": manifest and sha256 of every file check out" << std::endl;
     return 0;
   } catch (const std::invalid_argument& e) {
     std::cerr << "adm-run: error: " << e.what() << "\n\n" << kUsage;
+    return kExitBadInput;
+  } catch (const nlohmann::json::exception& e) {
+    std::cerr << "adm-run: error: " << e.what() << std::endl;
     return kExitBadInput;
   } catch (const adm::InputError& e) {
     std::cerr << "adm-run: error: " << e.what() << std::endl;

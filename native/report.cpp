@@ -43,6 +43,13 @@ json timed(const std::function<void()>& fn, int warmup, int runs) {
 }
 
 double peak_rss_mb() {
+  // Linux and Android: the high-water mark of this process's own address space. getrusage's
+  // ru_maxrss survives execve, so a runner started from a large process (a Python test or
+  // benchmark) would report its parent's peak instead of its own.
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmHWM:  11048 kB"
+  }
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
 #ifdef __APPLE__

@@ -45,7 +45,19 @@ def _timed(fn, *, warmup: int, runs: int) -> tuple[dict, object]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS).
+
+    On Linux the high-water mark of this process's own address space (VmHWM): ru_maxrss survives
+    exec, so a verify started from a large process (toolkit matrix, a benchmark) would report its
+    parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
@@ -149,7 +161,7 @@ def quality_against_reference(pipe, inputs: dict, ref: dict, sample_rate: int) -
 
 def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None = None,
            runner: str | None = None) -> dict:
-    """Verify ``bundle`` on this host and return the report (DESIGN.md's Report contract).
+    """Verify ``bundle`` on this host and return the report (ARCHITECTURE.md's Report contract).
 
     ``runner``: 'native' (adm-run, ExecuTorch bundles), 'python' (the target's Python runtime) or
     None: native where it applies and is built (runtime_py.native), else python. The report's

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from runtime_py import metrics, native
-from runtime_py.bundle import load_manifest, load_reference
+from runtime_py.bundle import load_manifest, load_reference, manifest_digest
 from runtime_py.verify import DevicePipeline, verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,10 +210,12 @@ def test_one_changed_byte_in_a_pte_is_refused_before_loading(verb, bundles, tmp_
         assert report["status"] == "fail" and "denoiser.pte" in report["reason"]
 
 
-def _edit_manifest(bundle: Path, edit) -> None:
+def _edit_manifest(bundle: Path, edit, *, reseal: bool = False) -> None:
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
+    if reseal:  # as if exported so: the check under test is not the seal's
+        manifest["manifest_sha256"] = manifest_digest(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -227,7 +229,7 @@ BAD_BUNDLES = {
     "wrong field type": (lambda b: _edit_manifest(b, lambda m: m["sampler"].update(t="soon")),
                          "'sampler.t' has the wrong type"),
     "short sampler table": (lambda b: _edit_manifest(b, lambda m: m["sampler"]["alpha"].pop()), "sampler table lengths"),
-    "not executorch": (lambda b: _edit_manifest(b, lambda m: m.update(target="onnx")),
+    "not executorch": (lambda b: _edit_manifest(b, lambda m: m.update(target="onnx"), reseal=True),
                        "field 'target' is 'onnx'; adm-run runs ExecuTorch bundles only"),
     "no manifest": (lambda b: (b / "manifest.json").unlink(), "manifest.json: not found"),
     "unlisted file": (lambda b: (b / "stray.bin").write_bytes(b"x"), "stray.bin: not listed in the manifest"),
@@ -248,9 +250,44 @@ def test_bad_bundles_get_a_clear_error_and_a_nonzero_exit(case, bundles, tmp_pat
 
 def test_unknown_manifest_fields_are_ignored(bundles, tmp_path):
     copy = _copy(bundles["fp32"], tmp_path)
-    _edit_manifest(copy, lambda m: m.update(future_field={"anything": [1, 2]}, manifest_sha256="0" * 64))
+
+    def add_field_and_reseal(m):
+        m["future_field"] = {"anything": [1, 2.5, None]}
+        m["manifest_sha256"] = manifest_digest(m)
+
+    _edit_manifest(copy, add_field_and_reseal)
     proc = adm_run("check", copy)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_an_edited_manifest_breaks_its_seal(bundles, tmp_path):
+    copy = _copy(bundles["fp32"], tmp_path)
+    _edit_manifest(copy, lambda m: m["quality_budget"].update(latent_snr_db_min=-1000.0))
+    proc = adm_run("verify", copy, "--out", tmp_path / "r.json")
+    assert proc.returncode == 2 and "'manifest_sha256' does not match" in proc.stderr, proc.stderr
+    _edit_manifest(copy, lambda m: m.pop("manifest_sha256"))
+    proc = adm_run("check", copy)
+    assert proc.returncode == 2 and "'manifest_sha256' is missing" in proc.stderr, proc.stderr
+
+
+def test_the_seal_is_computed_as_runtime_py_computes_it(tmp_path):
+    """Python's json.dumps canonical text (sorted keys, repr floats, NaN / Infinity, escaped
+    non-ASCII) reproduced in C++: random floats over the whole double range, odd strings."""
+    import random
+    import struct
+
+    rng = random.Random(0)
+    floats = [rng.uniform(-1, 1) * 10 ** rng.uniform(-30, 30) for _ in range(2000)]
+    floats += [struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0] for _ in range(2000)]
+    floats += [0.0, -0.0, 1.0, 1e15, 1e16, 1e-4, 1e-5, 0.1, float("inf"), float("-inf"), 5e-324]
+    chars = ["a", "é", "☃", "𝄞", "\n", "\t", "\x01", '"', "\\", "/", "NaN", "Infinity", " "]
+    strings = {"".join(rng.choice(chars) for _ in range(6)) + str(i): rng.choice(chars) for i in range(100)}
+    manifest = {"floats": floats, "strings": strings, "ints": [rng.randint(-2 ** 62, 2 ** 62) for _ in range(20)],
+                "nested": [{"b": True, "n": None, "f": 2.0}, []], "nan": float("nan"), "manifest_sha256": "-"}
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2))
+    proc = adm_run("digest", path, check=True)
+    assert proc.stdout.strip() == manifest_digest(json.loads(path.read_text()))
 
 
 def test_bad_arguments_exit_2_with_usage(bundles, tmp_path):
@@ -281,3 +318,16 @@ def test_run_reads_and_writes_npy_and_matches_verify(bundles, tmp_path):
     bad = adm_run("run", bundle, "--vocals", tmp_path / "vocals.npy", "--noise", tmp_path / "noise64.npy",
                   "--out-dir", out)
     assert bad.returncode == 2 and "noise64.npy" in bad.stderr and "float32" in bad.stderr
+
+
+def test_benchmark_workers_and_table(bundles, tmp_path):
+    from benchmarks.native_runner import build_table, row, run_verify
+
+    rows = []
+    for runner in ("native", "python"):
+        report = run_verify(runner, bundles["fp32"], tmp_path / f"{runner}.json", threads=1, runs=1, warmup=0)
+        assert report["status"] == "pass" and report.get("runner") == runner
+        rows.append(row("fp32", runner, report))
+    assert rows[0]["rss"] < rows[1]["rss"]  # no torch in the native process
+    table = build_table(rows).splitlines()
+    assert len(table) == 2 + 2 + 1 and "python / native time" in table[-1]
