@@ -15,17 +15,24 @@ from toolkit.generate import decode_latent, encode_audio, sample_latent
 
 REFERENCE_SEEDS = (0, 1)
 REFERENCE_EXAMPLES = 2
+REFERENCE_DATA_SEED = 20_000  # synthetic pair seed of example 0
+
+
+def reference_track(pipeline: Pipeline, i: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Reference example ``i``: (vocals, true accompaniment) of one segment, and the labels."""
+    # The synthesizer writes at least a second (one melody note); longer than a segment is cropped.
+    seconds = max(1.0, pipeline.segment_samples / pipeline.sample_rate)
+    vocals, accompaniment, labels = synth_pair_at_rate(REFERENCE_DATA_SEED + i, seconds=seconds,
+                                                       sample_rate=pipeline.sample_rate,
+                                                       channels=pipeline.audio_channels)
+    n = pipeline.segment_samples
+    return vocals[:, :n].astype(np.float32), accompaniment[:, :n].astype(np.float32), labels
 
 
 def make_reference(pipeline: Pipeline, *, steps: int, guidance: float, examples: int,
                    seeds: tuple[int, ...]) -> tuple[dict, dict]:
     """Full-precision outputs for ``examples`` synthetic vocals × ``seeds`` initial noises."""
-    # The synthesizer writes at least a second (one melody note); longer than a segment is cropped.
-    seconds = max(1.0, pipeline.segment_samples / pipeline.sample_rate)
-    vocals = np.stack([
-        synth_pair_at_rate(20_000 + i, seconds=seconds, sample_rate=pipeline.sample_rate,
-                   channels=pipeline.audio_channels)[0][:, :pipeline.segment_samples]
-        for i in range(examples)]).astype(np.float32)
+    vocals = np.stack([reference_track(pipeline, i)[0] for i in range(examples)]).astype(np.float32)
     noise = np.stack([
         np.stack([torch.randn(pipeline.latent_shape, generator=torch.Generator().manual_seed(
             1000 * i + s)).numpy() for s in seeds]) for i in range(examples)]).astype(np.float32)

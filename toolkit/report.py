@@ -16,8 +16,10 @@ def load_reports(paths: list[Path]) -> list[dict]:
     for p in paths:
         try:
             r = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{p}: cannot read report ({exc})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{p}: not a runtime_py report (a JSON {type(r).__name__}, not an object)")
         for key in ("target", "status", "device", "latency"):
             if key not in r:
                 raise ValueError(f"{p}: field '{key}' is missing; is this a runtime_py report?")
