@@ -18,9 +18,13 @@ process hung once); a measurement at n threads sets torch.set_num_threads(n), OR
 intra_op_num_threads = n, or ExecuTorch's threadpool (reset before loading). Warm-up, then
 ``--runs`` timed calls; min and p50 are recorded.
 
-The compute floor of a row is the FLOPs of one eager forward (``FlopCounterMode``: convolutions and
-matmuls) divided by this host's fp32 GEMM throughput (median of square ``torch.matmul`` of
-``--gemm-size``) at the same thread count. When the ExecuTorch int8 denoiser is not faster than
+ExecuTorch exports the whole graph into XNNPACK (targets/xnnpack_graph.py); each row's delegation
+record (ops outside XNNPACK by name, delegate count) goes into the notes. The compute floor of a
+row is the MACs of one call (toolkit.macs: convolutions, transposed convolutions, linears,
+attention matmuls) divided by XNNPACK's best GEMM rate at the row's precision and thread count,
+measured through ExecuTorch on one large exported Linear (benchmarks/xnnpack_peak.py,
+``--peak-size``): fp32 rows use the fp32 rate, int8 rows the rate of their int8 scheme (ONNX int8
+the static one). A time under its floor is a bug in the floor. When the ExecuTorch int8 denoiser is not faster than
 eager fp32, its ETDump profile (and the fp32 program's) is taken and the top operators printed
 (``--profile``).
 
@@ -46,7 +50,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._record import append_section, command_line  # noqa: E402
+from benchmarks._record import append_section, command_line
+from benchmarks.xnnpack_peak import measure_peaks, peak_gmacs
 
 COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
@@ -61,12 +66,9 @@ CFG_BATCH = 2  # both classifier-free-guidance branches in one denoiser call
 ORT_INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                     "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QLinearAdd")
 TOP_OPS = 12
-# The all-W8A8 denoiser does not partition for XNNPACK ("Invalid partition, found dependency
-# cycles" in to_edge_transform_and_lower; tiny and demo presets, executorch 1.5.1): the quantizer
-# shares one scale across cat([x, cond]) into conv_in, and cond's quantize node then also feeds
-# the vocal stream. With conv_in float it lowers. The row says so when this retry was needed.
-ET_CYCLE_ERROR = "dependency cycles"
-ET_CYCLE_FLOAT_LAYERS = {"denoiser": ("conv_in",)}
+# The XNNPACK peak (benchmarks/xnnpack_peak.py) each row's floor divides by.
+PEAK_OF = {"eager/fp32": "fp32", "executorch/fp32": "fp32", "onnx/fp32": "fp32",
+           "executorch/int8-static": "int8-static", "onnx/int8": "int8-static"}
 
 
 def log(message: str) -> None:
@@ -154,7 +156,7 @@ def work_export(job: dict) -> dict:
 
         targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK = (
             "static" if job["precision"] == "int8-static" else "per_step")
-        plan = w8a8_plan(spec.module, float_layers=tuple(job.get("float_layers", ())))
+        plan = w8a8_plan(spec.module)
         calib = [random_inputs(job["component"], job["preset"], seed=job["seed"] + 1 + i)
                  for i in range(job["calib_n"])]
     t0 = time.perf_counter()
@@ -165,7 +167,7 @@ def work_export(job: dict) -> dict:
     size = sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*"))  # + ONNX external data
     details = artifact.details
     lowering = details.get("lowering")
-    out = {"path": str(path), "export_s": export_s, "float_layers": job.get("float_layers", []), "file_bytes": size, "precision": artifact.precision,
+    out = {"path": str(path), "export_s": export_s, "file_bytes": size, "precision": artifact.precision,
            "params": sum(p.numel() for p in spec.module.parameters()),
            "lowering": None if lowering is None else {"honoured": lowering["honoured"],
                                                       "planned": len(lowering["layers"]),
@@ -183,6 +185,8 @@ def work_eager(job: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from toolkit.macs import count_macs, total_macs
+
     torch.set_num_threads(job["threads"])
     spec = build_spec(job["component"], job["preset"], seed=job["seed"])
     module, inputs = spec.module, spec.example_inputs
@@ -192,6 +196,7 @@ def work_eager(job: dict) -> dict:
             with FlopCounterMode(display=False) as counter:
                 y = module(*inputs)
             out["flops"] = int(counter.get_total_flops())
+            out["macs"] = total_macs(count_macs(module, *inputs))
             out["output_finite"] = bool(torch.isfinite(y).all())
         for _ in range(job["warmup"]):
             module(*inputs)
@@ -239,33 +244,17 @@ def work_runtime(job: dict) -> dict:
     return out
 
 
-def work_gemm(job: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(job["threads"])
-    n = job["size"]
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    torch.matmul(a, b)
-    gflops = []
-    for _ in range(job["runs"]):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        gflops.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {"threads_actual": torch.get_num_threads(), "gflops": gflops,
-            "gflops_p50": statistics.median(gflops)}
-
-
-def work_profile(job: dict) -> dict:
-    """ETDump of ``runs`` calls of a .pte: per-operator p50 time per call, delegated and portable."""
-    import torch  # noqa: F401  (the pybindings need libtorch loaded)
+def etdump_profile(path: str, inputs: list, *, threads: int, warmup: int, runs: int, top: int) -> dict:
+    """ETDump of ``warmup + runs`` calls of a .pte: per-operator p50 time per call, delegated and
+    portable (also used by song_latency.py)."""
+    import torch  # the pybindings need libtorch loaded
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
 
-    portable_lib._unsafe_reset_threadpool(int(job["threads"]))
-    module = portable_lib._load_for_executorch(job["path"], enable_etdump=True)
-    inputs = list(random_inputs(job["component"], job["preset"], seed=job["seed"]))
-    for _ in range(job["warmup"] + job["runs"]):
+    portable_lib._unsafe_reset_threadpool(int(threads))
+    module = portable_lib._load_for_executorch(path, enable_etdump=True)
+    inputs = [torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x for x in inputs]
+    for _ in range(warmup + runs):
         module.run_method("forward", inputs)
     with tempfile.TemporaryDirectory() as tmp:
         etdump = str(Path(tmp) / "profile.etdp")
@@ -275,7 +264,7 @@ def work_profile(job: dict) -> dict:
     totals = {"delegate_calls_ms": 0.0, "portable_calls_ms": 0.0, "method_execute_ms": None}
     for _, row in frame.iterrows():
         raw = [float(v) for v in row["raw"]]
-        raw = raw[job["warmup"]:] or raw  # one sample per call; drop the warm-up calls
+        raw = raw[warmup:] or raw  # one sample per call; drop the warm-up calls
         ms = statistics.median(raw)
         name = str(row["event_name"])
         if name == "DELEGATE_CALL":
@@ -290,10 +279,17 @@ def work_profile(job: dict) -> dict:
             ops.setdefault(("portable", name[len("native_call_"):]), []).append(ms)
     ranked = sorted(({"where": where, "op": op, "ms": sum(v), "count": len(v)}
                      for (where, op), v in ops.items()), key=lambda r: -r["ms"])
-    return {**totals, "threads": job["threads"], "runs": job["runs"], "top": ranked[:job["top"]]}
+    return {**totals, "threads": threads, "runs": runs, "top": ranked[:top]}
 
 
-WORKERS = {"export": work_export, "eager": work_eager, "runtime": work_runtime, "gemm": work_gemm,
+def work_profile(job: dict) -> dict:
+    """ETDump of ``runs`` calls of a .pte: per-operator p50 time per call, delegated and portable."""
+    inputs = list(random_inputs(job["component"], job["preset"], seed=job["seed"]))
+    return etdump_profile(job["path"], inputs, threads=job["threads"], warmup=job["warmup"],
+                          runs=job["runs"], top=job["top"])
+
+
+WORKERS = {"export": work_export, "eager": work_eager, "runtime": work_runtime,
            "profile": work_profile}
 
 
@@ -357,15 +353,6 @@ def measure_component(component: str, preset: str, *, seed: int, calib_n: int, t
                "calib_n": calib_n, "out_dir": str(artifacts / component / f"{target}-{precision}")}
         res = run_job(job, work=work, timeout_s=timeout_s)
         log(f"[{component}]   {_describe_export(res)}")
-        keep_float = ET_CYCLE_FLOAT_LAYERS.get(component)
-        if (target == "executorch" and precision in INT8_PRECISIONS and keep_float
-                and ET_CYCLE_ERROR in res.get("error", "")):
-            log(f"[{component}] the all-W8A8 plan does not partition for XNNPACK ({res['error']}); "
-                f"retrying with {', '.join(keep_float)} fp32 ...")
-            first_error = res["error"]
-            res = run_job({**job, "float_layers": list(keep_float)}, work=work, timeout_s=timeout_s)
-            res["all_w8a8_error"] = first_error
-            log(f"[{component}]   {_describe_export(res)}")
         out["exports"][f"{target}/{precision}"] = res
     for n in threads:
         for runtime, precision in VARIANTS:
@@ -390,6 +377,7 @@ def measure_component(component: str, preset: str, *, seed: int, calib_n: int, t
                                        if "error" not in res else f"FAILED: {res['error']}"))
     eager = out["latency"]["eager/fp32"][str(threads[0])]
     out["flops"] = eager.get("flops")
+    out["macs"] = eager.get("macs")
     out["output_finite"] = eager.get("output_finite")
     if out["output_finite"] is False:
         log(f"[{component}] WARNING: the random-weight eager output is not finite; int8 calibration "
@@ -423,11 +411,20 @@ def p50(result: dict, key: str, threads: int) -> float | None:
     return res.get("p50_ms")
 
 
-def floor_ms(result: dict, gemm: dict, threads: int) -> float | None:
-    rate = gemm.get(str(threads), {}).get("gflops_p50")
-    if not result.get("flops") or not rate:
+def peak_of(key: str) -> str:
+    """The XNNPACK peak a row's floor divides by (executorch/int8 follows the target's default)."""
+    if key == "executorch/int8":
+        import targets.executorch
+
+        return "int8-step" if targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK == "per_step" else "int8-static"
+    return PEAK_OF[key]
+
+
+def floor_ms(result: dict, peaks: dict, key: str, threads: int) -> float | None:
+    rate = peak_gmacs(peaks, peak_of(key), threads)
+    if not result.get("macs") or not rate:
         return None
-    return result["flops"] / (rate * 1e9) * 1e3
+    return result["macs"] / (rate * 1e9) * 1e3
 
 
 def _cell(value: float | None, fmt: str = "{:.1f}", missing: str = "—") -> str:
@@ -452,31 +449,30 @@ def component_label(result: dict) -> str:
     return f"VAE decoder `{result['preset']}` (latent {'×'.join(map(str, shapes['latent']))}, 1 s audio)"
 
 
-def build_table(results: list[dict], gemm: dict, threads: list[int]) -> str:
+def build_table(results: list[dict], peaks: dict, threads: list[int]) -> str:
     rt = ratio_threads(threads)
     head = (["component", "runtime", "precision"] + [f"{n}t p50 ms" for n in threads]
-            + [f"floor ms ({' / '.join(f'{n}t' for n in threads)})", f"× eager fp32 @{rt}t",
+            + [f"floor ms ({' / '.join(f'{n}t' for n in threads)})", f"× floor @{rt}t", f"× eager fp32 @{rt}t",
                "file MB", "export s", "ExecuTorch delegation"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for result in results:
-        floors = " / ".join("—" if (f := floor_ms(result, gemm, n)) is None else _fmt_ms(f)
-                            for n in threads)
         eager = p50(result, "eager/fp32", rt)
         for runtime, precision in VARIANTS:
             key = f"{runtime}/{precision}"
+            floors = " / ".join("—" if (f := floor_ms(result, peaks, key, n)) is None else _fmt_ms(f)
+                                for n in threads)
+            floor_rt = floor_ms(result, peaks, key, rt)
             export = result["exports"].get(key, {})
             mine = p50(result, key, rt)
             ratio = f"{mine / eager:.2f}×" if mine is not None and eager else "—"
+            over_floor = f"{mine / floor_rt:.2f}×" if mine is not None and floor_rt else "—"
             delegation = "—"
             if "delegation" in export:
                 d = export["delegation"]
                 delegation = f"{d['ops_delegated']}/{d['ops_total']} ops, {d['delegates']} delegates"
-            shown = precision
-            if export.get("float_layers"):
-                shown += f" ({', '.join(export['float_layers'])} fp32)"
-            cells = ([component_label(result), runtime, shown]
+            cells = ([component_label(result), runtime, precision]
                      + [_latency_cell(result, key, n) for n in threads]
-                     + [floors, ratio,
+                     + [floors, over_floor, ratio,
                         _cell(export["file_bytes"] / 1e6, "{:.2f}") if "file_bytes" in export else "—",
                         _cell(export.get("export_s")) if runtime != "eager" else "—",
                         delegation])
@@ -519,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds per subprocess (one export or one measurement) before it is killed")
     p.add_argument("--calib-n", type=int, default=4, help="random calibration inputs for int8")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs")
-    p.add_argument("--gemm-size", type=int, default=2048, help="n of the n×n fp32 matmul for the floor")
+    p.add_argument("--peak-size", type=int, nargs=3, default=[1024, 2048, 2048],
+                   metavar=("ROWS", "IN", "OUT"),
+                   help="the exported Linear whose XNNPACK GEMM rate the floors divide by")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="ETDump the ExecuTorch denoiser programs: auto = only when int8 is not faster "
                         "than eager fp32")
@@ -541,12 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="quantized-latency-") as tmp:
         work = Path(tmp)
         artifacts = a.out / "artifacts" if a.keep_artifacts else work / "artifacts"
-        gemm = {}
-        for n in a.threads:
-            log(f"GEMM {a.gemm_size}×{a.gemm_size} fp32 at {n} thread(s) ...")
-            gemm[str(n)] = run_job({"kind": "gemm", "threads": n, "size": a.gemm_size, "runs": 5},
-                                   work=work, timeout_s=a.timeout, threads=n)
-            log(f"  {gemm[str(n)].get('gflops_p50', float('nan')):.1f} GFLOP/s")
+        peaks = measure_peaks(rows=a.peak_size[0], in_features=a.peak_size[1],
+                              out_features=a.peak_size[2], threads=a.threads,
+                              precisions=["fp32", "int8-static", "int8-step"], warmup=2, runs=5,
+                              timeout_s=a.timeout, work=work / "peak")
         results = [measure_component(c, presets[c], seed=a.seed, calib_n=a.calib_n, threads=a.threads,
                                      warmup=a.warmup, runs=a.runs, timeout_s=a.timeout, work=work,
                                      artifacts=artifacts) for c in a.components]
@@ -575,9 +571,10 @@ def main(argv: list[str] | None = None) -> int:
                          "seed": a.seed, "path": export["path"], "threads": rt, "warmup": a.warmup,
                          "runs": a.runs, "top": TOP_OPS}, work=work, timeout_s=a.timeout, threads=rt)
 
-    table = build_table(results, gemm, a.threads)
-    gemm_text = ", ".join(f"{n} thread(s) {gemm[str(n)].get('gflops_p50', float('nan')):.1f} GFLOP/s"
-                          for n in a.threads)
+    table = build_table(results, peaks, a.threads)
+    peak_text = ", ".join(f"{precision} {n}t {rate:.1f}" if (rate := peak_gmacs(peaks, precision, n))
+                          else f"{precision} {n}t failed"
+                          for precision in peaks for n in a.threads)
     notes = [
         f"Random seeded weights (seed {a.seed}); {a.warmup} warm-up then {a.runs} timed calls per "
         "measurement, each in its own subprocess; p50 shown (min in the JSON). Denoiser: one call "
@@ -590,12 +587,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Static scales calibrated on {a.calib_n} random inputs (t ~ U(0, 1)). ONNX Runtime through "
         "runtime_py's runner (CPU provider, ORT_ENABLE_BASIC); ExecuTorch through its runner "
         "(XNNPACK threadpool reset to n before loading). "
-        f"Floor = FLOPs of one eager forward (FlopCounterMode) / fp32 GEMM throughput ({gemm_text}; "
-        f"{a.gemm_size}² matmul). × eager = p50 / eager fp32 p50 at {rt} thread(s) (< 1 is faster).",
+        "ExecuTorch exports the whole graph (targets/xnnpack_graph.py passes). Floor = MACs of one "
+        "call (toolkit.macs) / XNNPACK's best GEMM rate at the row's precision and thread count, "
+        f"through ExecuTorch on one exported Linear {a.peak_size[0]}×{a.peak_size[1]}→{a.peak_size[2]} "
+        f"(benchmarks/xnnpack_peak.py; GMAC/s: {peak_text}); ONNX rows share the XNNPACK floor. "
+        f"× floor, × eager = p50 / floor or eager fp32 p50 at {rt} thread(s).",
     ]
     for r in results:
         if r.get("flops"):
-            notes.append(f"{r['component']} `{r['preset']}`: {r['flops'] / 1e9:.2f} GFLOP per call"
+            notes.append(f"{r['component']} `{r['preset']}`: {r['flops'] / 1e9:.2f} GFLOP per call "
+                         f"(FlopCounterMode), {(r.get('macs') or 0) / 1e9:.2f} GMAC (toolkit.macs)"
                          + ("" if r.get("output_finite", True) else " (WARNING: eager output not finite)"))
         ort_int8 = r["latency"].get("onnx/int8", {}).get(str(a.threads[0]), {})
         if "ort_int8_kernels" in ort_int8:
@@ -611,10 +612,6 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"{r['component']} ExecuTorch {precision}: {d['ops_delegated']}/"
                              f"{d['ops_total']} ops in {d['delegates']} XNNPACK delegates; outside: "
                              f"{_ops_list(d['non_delegated_ops'], limit=8)}")
-            if export.get("all_w8a8_error"):
-                notes.append(f"{r['component']} ExecuTorch {precision}: the all-W8A8 plan failed to lower "
-                             f"({export['all_w8a8_error']}); measured with "
-                             f"{', '.join(export['float_layers'])} kept fp32, everything else W8A8.")
     if verdict:
         notes.append(f"**{verdict}.**")
     for precision, profile in profiles.items():
@@ -626,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {"command": _command(argv), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(a).items()},
-               "wall_s": time.time() - t_start, "gemm": gemm, "results": results,
+               "wall_s": time.time() - t_start, "peaks": peaks, "results": results,
                "verdict": verdict, "profiles": profiles, "table": table}
     _write(a.out / "results.json", json.dumps(payload, indent=2))
     _write(a.out / "table.md", table + "\n\n" + notes_text + "\n")

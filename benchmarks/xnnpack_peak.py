@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._record import append_section, command_line  # noqa: E402
+from benchmarks._record import append_section, command_line
 
 # precision label → targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK (None: fp32, no plan)
 PRECISIONS = {"fp32": None, "int8-static": "static", "int8-step": "per_step"}
@@ -163,6 +163,7 @@ def measure_peaks(*, rows: int, in_features: int, out_features: int, threads: li
                   precisions: list[str], warmup: int, runs: int, timeout_s: float,
                   work: Path) -> dict:
     """{precision: {"export": {...}, "threads": {n: {"p50_ms", "gmacs_per_s", ...}}}}."""
+    work.mkdir(parents=True, exist_ok=True)
     macs = rows * in_features * out_features
     shape = {"rows": rows, "in_features": in_features, "out_features": out_features}
     out = {}
