@@ -13,7 +13,9 @@ cross-attention modules (forward hooks); the FLOPs of the call (matmuls and conv
 during the calls over what was resident before the first (each row is its own subprocess); and the
 largest attention-score tensors (``toolkit.generate.attention_bytes``).
 
-ExecuTorch is not measured here yet (exports at each length are the bundle issue's).
+``--runtimes executorch`` exports each row's call (the compensation indices an input) with
+``targets.executorch``'s graph passes and the XNNPACK partitioner, checks it against eager with
+indices it was not exported with, and times the program (the row's RSS then includes the export).
 
     OMP_NUM_THREADS=2 python benchmarks/long_audio.py --config paper --multiples 1 2 4 8 16 --runs 5
 
@@ -118,6 +120,10 @@ def measure(job: dict) -> dict:
                 shares[k].append(spent[k] / wall)
         if not ms:  # --runs 0: FLOPs and memory only
             ms, shares = [float("nan")], {k: [float("nan")] for k in shares}
+    extra = {}
+    if job.get("runtime", "eager") == "executorch":
+        ms, extra = executorch_times(model, (x, t, cond, idx), lf, job)
+        shares = {k: [float("nan")] for k in shares}  # no module hooks inside a compiled program
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pipe = Pipeline(config=PipelineConfig(name="bench"), denoiser=model, vae=OobleckVAE(OOBLECK_PRESETS["tiny"]))
     scores = attention_bytes(pipe, frames, batch=CFG_BATCH, litefocus=lf)
@@ -129,7 +135,57 @@ def measure(job: dict) -> dict:
         "gflops": flops / 1e9, "soft_alignment_flop_share": attn_flops / flops, "cross_flop_share": cross_flops / flops,
         "peak_rss_mib": rss_peak, "rss_rise_mib": rss_peak - rss_before,
         "global_scores_mib": scores["global_attention"] / 2**20, "cross_scores_mib": scores["cross_attention"] / 2**20,
+        **extra,
     }
+
+
+def executorch_times(model, inputs, lf, job: dict) -> tuple[list[float], dict]:
+    """Export the call (C an input) through targets.executorch's graph passes and XNNPACK, check it
+    against eager with indices it was not exported with, and time ``job['runs']`` executions."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    from targets.executorch import delegation_coverage
+    from targets.xnnpack_graph import whole_graph_passes
+    from toolkit.models.litefocus import compensation_indices
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, t, cond, comp_idx):
+            return self.model(x, t, cond, comp_idx, litefocus=lf)
+
+    t0 = time.perf_counter()
+    passes, _ = whole_graph_passes()
+    edge = to_edge_transform_and_lower(torch.export.export(Call().eval(), inputs), transform_passes=passes,
+                                       partitioner=[XnnpackPartitioner()])
+    coverage = delegation_coverage(edge.exported_program().graph_module)
+    buffer = edge.to_executorch().buffer
+    export_s = time.perf_counter() - t0
+    portable_lib._unsafe_reset_threadpool(job["threads"])
+    method = Runtime.get().load_program(buffer).load_method("forward")
+    x, t, cond, idx = inputs
+    other = compensation_indices(x.shape[-1] // model.config.downsampling, job["compensation"], seed=job["seed"],
+                                 call=1)
+    with torch.no_grad():
+        ref = model(x, t, cond, other, litefocus=lf)
+    out = method.execute([x, t, cond, other])[0]
+    sqnr = float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-30)))
+    for _ in range(job["warmup"]):
+        method.execute([x, t, cond, idx])
+    ms = []
+    for _ in range(job["runs"]):
+        t1 = time.perf_counter()
+        method.execute([x, t, cond, idx])
+        ms.append(1e3 * (time.perf_counter() - t1))
+    return ms or [float("nan")], {"export_s": export_s, "sqnr_db_vs_eager": sqnr,
+                                  "delegation": f"{coverage['ops_delegated']}/{coverage['ops_total']} ops, "
+                                                f"{coverage['delegates']} delegates"}
 
 
 SEAM_WINDOW_S = 0.03
@@ -223,23 +279,26 @@ def run_worker(job: dict, timeout_s: float) -> dict:
 
 
 def build_table(rows: list[dict]) -> str:
-    lines = ["| length (× training) | frames | attention | p50 ms | min ms | vs dense | soft-alignment attn "
-             "time / FLOPs | cross-attn time / FLOPs | GFLOPs | peak RSS MiB (rise) | largest scores MiB "
-             "global / cross |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    dense = {r["multiple"]: r for r in rows if r["attention"] == "dense" and "error" not in r}
+    lines = ["| runtime | length (× training) | frames | attention | p50 ms | min ms | vs dense | soft-alignment "
+             "attn time / FLOPs | cross-attn time / FLOPs | GFLOPs | peak RSS MiB (rise) | largest scores MiB "
+             "global / cross | ExecuTorch: delegation, SQNR dB vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    dense = {(r.get("runtime", "eager"), r["multiple"]): r for r in rows
+             if r["attention"] == "dense" and "error" not in r}
     for r in rows:
+        runtime = r.get("runtime", "eager")
         if "error" in r:
-            lines.append(f"| {r['multiple']}× | | {r['attention']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {runtime} | {r['multiple']}× | | {r['attention']} | {r['error']} | | | | | | | | |")
             continue
-        ref = dense.get(r["multiple"])
+        ref = dense.get((runtime, r["multiple"]))
         speed = f"{ref['p50_ms'] / r['p50_ms']:.2f}×" if ref and r["p50_ms"] == r["p50_ms"] else ""
+        et = f"{r['delegation']}, {r['sqnr_db_vs_eager']:.0f}" if "delegation" in r else ""
         lines.append(
-            f"| {r['multiple']}× | {r['frames']} | {r['attention']} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | "
-            f"{speed} | {100 * r['soft_alignment_time_share']:.0f} % / {100 * r['soft_alignment_flop_share']:.0f} % | "
-            f"{100 * r['cross_time_share']:.0f} % / {100 * r['cross_flop_share']:.0f} % | {r['gflops']:.1f} | "
-            f"{r['peak_rss_mib']:.0f} ({r['rss_rise_mib']:.0f}) | {r['global_scores_mib']:.1f} / "
-            f"{r['cross_scores_mib']:.1f} |")
+            f"| {runtime} | {r['multiple']}× | {r['frames']} | {r['attention']} | {r['p50_ms']:.1f} | "
+            f"{r['min_ms']:.1f} | {speed} | {100 * r['soft_alignment_time_share']:.0f} % / "
+            f"{100 * r['soft_alignment_flop_share']:.0f} % | {100 * r['cross_time_share']:.0f} % / "
+            f"{100 * r['cross_flop_share']:.0f} % | {r['gflops']:.1f} | {r['peak_rss_mib']:.0f} "
+            f"({r['rss_rise_mib']:.0f}) | {r['global_scores_mib']:.1f} / {r['cross_scores_mib']:.1f} | {et} |")
     return "\n".join(lines)
 
 
@@ -249,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="paper", help="SoftAlign preset")
     p.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--attention", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
+    p.add_argument("--runtimes", nargs="+", choices=("eager", "executorch"), default=["eager"],
+                   help="executorch: export each row (slow at long lengths) and time the program")
     p.add_argument("--compensation", type=float, default=0.1, help="LiteFocus r")
     p.add_argument("--runs", type=int, default=5, help="timed calls per row (0: FLOPs and memory only)")
     p.add_argument("--warmup", type=int, default=1)
@@ -283,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                            command=command_line(__file__, argv), wall_s=time.time() - t0, notes=notes, table=table)
         return 0
     rows = []
-    for multiple in args.multiples:
-        for attention in args.attention:
-            job = {"config": args.config, "multiple": multiple, "attention": attention,
-                   "compensation": args.compensation, "runs": args.runs, "warmup": args.warmup,
-                   "threads": args.threads, "seed": args.seed}
-            rows.append(run_worker(job, args.timeout_s))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for runtime in args.runtimes:
+        for multiple in args.multiples:
+            for attention in args.attention:
+                job = {"config": args.config, "multiple": multiple, "attention": attention, "runtime": runtime,
+                       "compensation": args.compensation, "runs": args.runs, "warmup": args.warmup,
+                       "threads": args.threads, "seed": args.seed}
+                rows.append(run_worker(job, args.timeout_s))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     table = build_table(rows)
     print(table)
     if args.json:

@@ -9,8 +9,7 @@ import torch
 from toolkit.config import ConfigError, config_from_dict, config_to_dict
 from toolkit.models.litefocus import (
     GridSelfAttention, LiteFocusConfig, band_attention, compensation_count, compensation_indices,
-    compensation_indices_np, focus_sets, grid_focus_sets, litefocus_attention,
-    litefocus_grid_attention,
+    compensation_indices_np, focus_sets, grid_focus_sets, litefocus_attention, litefocus_grid_attention,
 )
 from toolkit.models.softalign import SOFTALIGN_PRESETS, SoftAlignUNet
 

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from toolkit.config import ConfigError
-from toolkit.diffusion import alpha_sigma
+from toolkit.diffusion import CosineSchedule, alpha_sigma
 from toolkit.models.softalign import (
-    SOFTALIGN_PRESETS, SoftAlignAttention, SoftAlignConfig, SoftAlignUNet, _heads, _merge,
-    apply_rope, attention, count_parameters, local_window_bias, rope_tables,
+    SOFTALIGN_PRESETS, SoftAlignAttention, SoftAlignUNet, _heads, _merge, apply_rope, attention,
+    count_parameters, local_window_bias, rope_tables,
 )
-from toolkit.diffusion import CosineSchedule
 
 
 def test_paper_config_size_and_shape():

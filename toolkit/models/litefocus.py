@@ -94,7 +94,7 @@ def _mix32(x):
 
 def compensation_count(n_keys: int, ratio: float) -> int:
     """|C| = ⌊r · |I|⌋ (eq. 6)."""
-    return int(math.floor(ratio * n_keys))
+    return math.floor(ratio * n_keys)
 
 
 def _call_key(seed: int, call: int) -> int:
