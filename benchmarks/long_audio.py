@@ -190,6 +190,9 @@ def executorch_times(model, inputs, lf, job: dict) -> tuple[list[float], dict]:
 
 SEAM_WINDOW_S = 0.03
 QUALITY_METHODS = ("segments", "windows", "onepass dense", "onepass litefocus")
+# The paper's ablations (its Tables 2 and 3) as one-pass LiteFocus variants: (name, ratio, structured).
+ABLATIONS = (("litefocus r=0.2", 0.2, True), ("litefocus r=0.4", 0.4, True),
+             ("focus only (r=0)", 0.0, True), ("compensation only r=0.1", 0.1, False))
 
 
 def seam_onset_ratio(audio: np.ndarray, sample_rate: int, segment_s: float) -> float | None:
@@ -231,9 +234,13 @@ def quality(args) -> tuple[list[dict], str]:
             tracks = [load_track(p, sample_rate=pipe.sample_rate, channels=pipe.audio_channels)
                       for p in list_tracks(data)]
             truth = [t.accompaniment for t in tracks]
-            for method in QUALITY_METHODS:
-                mode = method.split()[0]
-                lf = LiteFocusConfig(ratio=args.compensation, seed=args.seed) if method.endswith("litefocus") else None
+            methods = [(m, m.split()[0], LiteFocusConfig(ratio=args.compensation, seed=args.seed)
+                        if m.endswith("litefocus") else None) for m in QUALITY_METHODS]
+            if args.ablations:
+                methods = [m for m in methods if m[1] == "onepass"] + [
+                    (f"onepass {name}", "onepass", LiteFocusConfig(ratio=r, structured=st, seed=args.seed))
+                    for name, r, st in ABLATIONS]
+            for method, mode, lf in methods:
                 rendered = {}
 
                 def render(track, mode=mode, lf=lf, rendered=rendered):
@@ -323,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tracks", type=int, default=8, help="--quality: pairs per length")
     p.add_argument("--steps", type=int, default=32, help="--quality: DDIM steps")
     p.add_argument("--data-seed", type=int, default=1000, help="--quality: seed of the synthetic pairs")
+    p.add_argument("--ablations", action="store_true",
+                   help="--quality: one pass dense and LiteFocus r=--compensation, r=0.2, 0.4, focus only, "
+                        "compensation only (seed 002 Tables 2 and 3) instead of the four methods")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
@@ -340,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"training bottleneck. Seam onsets: onset strength within 30 ms of each multiple of the "
                      f"training length over elsewhere. Log-mel FD: Fréchet distance of log-mel frame statistics "
                      f"to the true accompaniments.")
-            append_section("Long audio: quality vs length on the demo (segments, windows, one pass)",
+            append_section("Long audio: LiteFocus ablations on the demo (seed 002 Tables 2, 3)" if args.ablations
+                           else "Long audio: quality vs length on the demo (segments, windows, one pass)",
                            command=command_line(__file__, argv), wall_s=time.time() - t0, notes=notes, table=table)
         return 0
     rows = []

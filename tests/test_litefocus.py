@@ -222,3 +222,16 @@ def test_exported_unet_takes_the_indices_as_an_input_and_has_no_random_op():
     idx2 = torch.from_numpy(compensation_indices_np(n // 2, 0.25, seed=0, call=1))
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x, t, c, idx2), model(x, t, c, idx2, litefocus=lf))
+
+
+def test_unet_compensation_only_ablation():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    x, c, t = torch.randn(1, 4, 64, generator=g), torch.randn(1, 4, 64, generator=g), torch.tensor([0.5])
+    every = compensation_indices(32, 1.0, seed=0, call=0)
+    with torch.no_grad():
+        ref = model(x, t, c)
+        comp_only = model(x, t, c, every, litefocus=LiteFocusConfig(ratio=1.0, structured=False))
+    torch.testing.assert_close(comp_only, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="empty"):
+        LiteFocusConfig(ratio=0.0, structured=False)

@@ -58,7 +58,8 @@ class LiteFocusConfig:
     offsets the model saw in training; on the demo, ±16 of 32 bottleneck frames holds 91 % of the
     global attention's mass, `toolkit attention-maps`). ``lags``: extra
     periodic offsets in S_i (each > band). ``seed``: the compensation draw's seed (a sampler draws
-    call k of a generation with ``call=k``).
+    call k of a generation with ``call=k``). ``structured=False`` drops S_i: compensation only, the
+    paper's Table 2 ablation (``ratio=0`` is its other one, focus only, Table 3).
     """
 
     TYPE = "litefocus"
@@ -68,6 +69,7 @@ class LiteFocusConfig:
     band: int | None = None
     lags: tuple[int, ...] = ()
     seed: int = 0
+    structured: bool = True
 
     def __post_init__(self) -> None:
         n = "LiteFocusConfig"
@@ -75,6 +77,8 @@ class LiteFocusConfig:
         require(self.band is None or self.band >= 0, n, "band", "must be >= 0 (0: the frame itself)")
         require(all(p > 0 for p in self.lags), n, "lags", "must be positive offsets")
         require(len(set(self.lags)) == len(self.lags), n, "lags", "must be distinct")
+        require(self.structured or self.ratio > 0, n, "ratio",
+                "must be > 0 without the structured set (the focus set would be empty)")
         if self.band is not None:
             require(all(p > self.band for p in self.lags), n, "lags",
                     f"every lag must exceed band={self.band} (smaller ones are in the band already)")

@@ -241,7 +241,8 @@ class SoftAlignAttention(nn.Module):
                 raise ValueError("LiteFocus beyond the training length needs the compensation indices "
                                  "(toolkit.models.litefocus.compensation_indices)")
             band = self.length // 2 if litefocus.band is None else litefocus.band
-            glob = litefocus_attention(qr, kr, v, comp_idx, band=band, lags=litefocus.lags)
+            glob = litefocus_attention(qr, kr, v, comp_idx, band=band, lags=litefocus.lags,
+                                       structured=litefocus.structured)
         return _merge(glob), _merge(local)
 
     def forward(
