@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         script = Path(__file__).resolve()
         macs = run_worker(script, {**base, "kind": "macs"}, work=work, timeout_s=a.timeout)
+        macs.pop("worker_wall_s", None)
         peaks = measure_peaks(rows=a.peak_size[0], in_features=a.peak_size[1],
                               out_features=a.peak_size[2], threads=threads,
                               precisions=["fp32", int8_peak], warmup=2, runs=5,
@@ -498,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
                         script, {**base, "kind": "profile", "component": component, "path": path,
                                  "threads": top, "runs": 3}, work=work, timeout_s=a.timeout, threads=top)
 
+    payload = {"command": command_line(__file__, argv), "args": {k: (str(v) if isinstance(v, Path) else v)
+                                                                 for k, v in vars(a).items()},
+               "geometry": geo, "wall_s": time.time() - t_start, "macs": macs, "peaks": peaks,
+               "exports": exports, "rows": rows, "seam": seam, "profiles": profiles}
+    (a.out / "results.json").write_text(json.dumps(payload, indent=2))  # before the table: keep the figures
     table = build_table(rows, exports, macs, peaks, geo, threads, int8_peak)
     notes = [f"Song: {geo['seconds']:.2f} s of {geo['audio_channels']}-channel audio at {geo['sample_rate']} Hz "
              f"({geo['frames']} latent frames); denoiser `{a.config}` (random seeded weights, guidance "
@@ -545,10 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"ETDump ExecuTorch int8 {component} at {top} thread(s): "
                          f"{prof['method_execute_ms'] or 0:.1f} ms per call; top: {top_ops}")
     notes_text = "\n\n".join(notes)
-    payload = {"command": command_line(__file__, argv), "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                                 for k, v in vars(a).items()},
-               "geometry": geo, "wall_s": time.time() - t_start, "macs": macs, "peaks": peaks,
-               "exports": exports, "rows": rows, "seam": seam, "profiles": profiles, "table": table}
+    payload["table"] = table
     (a.out / "results.json").write_text(json.dumps(payload, indent=2))
     print(table)
     print()
