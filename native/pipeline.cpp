@@ -133,7 +133,9 @@ Array Component::run(const std::vector<std::pair<std::string, const Array*>>& in
   }
   auto result = module_->execute("forward", values);
   if (!result.ok()) throw RuntimeFailure(path + ": forward failed: " + error_text(result.error()));
+  if (result->empty() || !(*result)[0].isTensor()) throw RuntimeFailure(path + ": forward returned no tensor");
   const auto& out = (*result)[0].toTensor();
+  if (out.scalar_type() != ScalarType::Float) throw RuntimeFailure(path + ": forward returned a non-float32 tensor");
   Array a;
   a.shape.assign(out.sizes().begin(), out.sizes().end());
   a.data.assign(out.const_data_ptr<float>(), out.const_data_ptr<float>() + out.numel());
@@ -202,6 +204,7 @@ Array Pipeline::sample(const Array& cond, const Array& noise) {
     Array v;
     if (s.guidance_folded) {
       v = denoise(z, t, cond);
+      if (v.numel() != n) throw RuntimeFailure("denoiser: returned " + v.shape_str() + " for x " + z.shape_str());
     } else {
       // v = v_u + w (v_c - v_u): both branches in one batch-2 call, (z, z), (t, t), (cond, 0).
       Array null = cond;
@@ -210,6 +213,8 @@ Array Pipeline::sample(const Array& cond, const Array& noise) {
       tt.shape = {2 * batch};
       tt.data.assign(2 * batch, ti);
       const Array both = denoise(concat0({z, z}), tt, concat0({cond, null}));
+      if (both.numel() != 2 * n)
+        throw RuntimeFailure("denoiser: returned " + both.shape_str() + " for the batch-2 call on x " + z.shape_str());
       v.shape = z.shape;
       v.data.resize(n);
       const float w = static_cast<float>(s.guidance);
