@@ -236,12 +236,29 @@ def conditioning_latents(pipeline: Pipeline, clips: list[np.ndarray]) -> torch.T
     return torch.cat([encode_audio(pipeline, torch.from_numpy(s)[None]) for s in seg])
 
 
+MIN_VOCAL_S = 1.0  # the coverage features' onset statistics average over a 1 s window
+
+
 def load_vocal_clips(pipeline: Pipeline, data_dir: Path, *, max_tracks: int | None = None
                      ) -> list[tuple[str, np.ndarray]]:
-    out = []
+    """Every track's mono vocal; every unreadable or too short track is reported at once, by file."""
+    from toolkit.data.stems import StemsError
+
+    out, bad = [], []
     for path in list_tracks(data_dir)[:max_tracks]:
-        track = load_track(path, sample_rate=pipeline.sample_rate, channels=pipeline.audio_channels)
+        try:
+            track = load_track(path, sample_rate=pipeline.sample_rate, channels=pipeline.audio_channels)
+        except (StemsError, OSError, ValueError) as exc:
+            bad.append(str(exc))
+            continue
+        seconds = track.vocals.shape[-1] / pipeline.sample_rate
+        if seconds < MIN_VOCAL_S:
+            bad.append(f"{Path(path) / 'vocals.wav'}: {seconds:.2f} s long; calibration needs at least "
+                       f"{MIN_VOCAL_S:g} s of vocal per track")
+            continue
         out.append((track.name, track.vocals.mean(axis=0)))
+    if bad:
+        raise ValueError(f"{data_dir}: {len(bad)} track(s) cannot be used:\n  " + "\n  ".join(bad))
     return out
 
 

@@ -14,6 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask_mode(path: Path) -> Path:
+    """tempfile makes 0700 directories; the output is for the user's umask like any other folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+    return path
+
+
 @contextmanager
 def atomic_directory(final: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success it replaces ``final``."""
@@ -21,7 +29,7 @@ def atomic_directory(final: Path, *, overwrite: bool) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; choose another output or remove it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    tmp = _umask_mode(Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)))
     try:
         yield tmp
         if final.exists():
@@ -49,7 +57,7 @@ def staging_directory(parent: Path, *, prefix: str) -> Iterator[Path]:
     end; the caller moves it into place with :func:`promote`. Removed if the block raises."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.partial-", dir=parent))
+    tmp = _umask_mode(Path(tempfile.mkdtemp(prefix=f".{prefix}.partial-", dir=parent)))
     try:
         yield tmp
     except BaseException:

@@ -83,10 +83,33 @@ def _generate(args: argparse.Namespace) -> int:
     from toolkit.generate import generate_accompaniment
     from toolkit.models.litefocus import LiteFocusConfig
 
+    # Arguments and paths first: nothing is computed for a run that cannot be written.
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps} (omit it for the checkpoint's default)")
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (1: no guidance), got {args.guidance}")
+    if not Path(args.vocals).is_file():
+        raise ValueError(f"--vocals {args.vocals}: no such file")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the path of the WAV file to write")
+    if out.suffix.lower() != ".wav":
+        raise ValueError(f"--out {out}: generate writes WAV; name the file .wav")
     pipe = load_checkpoint(args.checkpoint)
+    in_info = sf.info(str(args.vocals))
     vocals = read_audio(Path(args.vocals), sample_rate=pipe.sample_rate, channels=pipe.audio_channels)
+    if in_info.channels != pipe.audio_channels:
+        print(f"note: the vocal has {in_info.channels} channels; the model takes {pipe.audio_channels} "
+              f"({'mixed down' if in_info.channels > pipe.audio_channels else 'duplicated'})", file=sys.stderr)
+    if in_info.samplerate != pipe.sample_rate:
+        print(f"note: the model runs at {pipe.sample_rate} Hz: the vocal is resampled to it and the "
+              f"accompaniment, written at the vocal's {in_info.samplerate} Hz, holds nothing above "
+              f"{pipe.sample_rate // 2} Hz", file=sys.stderr)
     steps = args.steps or pipe.config.default_steps
     guidance = pipe.config.default_guidance if args.guidance is None else args.guidance
+    print(f"checkpoint {pipe.path} ({pipe.config.name}): {steps} steps, guidance {guidance}"
+          + (", folded into the denoiser (one call per step)" if pipe.config.guidance_folded else ""),
+          file=sys.stderr)
     litefocus = None
     if args.attention == "litefocus":
         litefocus = LiteFocusConfig(ratio=0.1 if args.compensation is None else args.compensation,
@@ -107,11 +130,13 @@ def _generate(args: argparse.Namespace) -> int:
         acc = resample_poly(acc, ratio.numerator, ratio.denominator, axis=-1)
         n = sf.info(str(args.vocals)).frames
         acc = np.pad(acc, ((0, 0), (0, max(0, n - acc.shape[-1]))))[:, :n].astype(np.float32)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.wav")
-    sf.write(tmp, acc.T, rate)
-    tmp.replace(out)
+    try:
+        sf.write(tmp, acc.T, rate)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({acc.shape[-1] / rate:.2f} s, {steps} steps, guidance "
           f"{guidance}) in {time.time() - t0:.1f} s")
     att = stats["attention_scores_mib"]
@@ -198,9 +223,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from toolkit.report import write_matrix
+    from toolkit.report import load_reports, write_matrix
+    from toolkit.report_html import listening_from_run, write_report_html
 
-    written = write_matrix([Path(p) for p in args.reports], Path(args.out))
+    paths = [Path(p) for p in args.reports]
+    load_reports(paths)  # every file is checked (and a bad one named) before anything is written
+    out = Path(args.out)
+    listening = agreement = None
+    if args.run:
+        listening, agreement = listening_from_run(Path(args.run))
+    written = write_matrix(paths, out)
+    written["report.html"] = write_report_html(
+        paths, out / "report.html", listening=listening, agreement=agreement,
+        bundle_search=[Path(b) for b in args.bundles] + ([Path(args.run) / "bundles"] if args.run else []))
     for name, path in written.items():
         print(f"{name}: {path}")
     return 0
@@ -223,21 +258,64 @@ def _matrix(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from toolkit.pipeline_run import run_main_job
 
-    summary = run_main_job(Path(args.out), checkpoint=args.checkpoint, steps=args.steps,
-                           seed=args.seed, runs=args.runs, log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(summary, indent=2))
-    return 0
+    targets = None if not args.target or "all" in args.target else tuple(dict.fromkeys(args.target))
+    summary = run_main_job(Path(args.out), checkpoint=args.checkpoint, steps=args.steps, seed=args.seed,
+                           targets=targets, runs=args.runs, force=args.force,
+                           cache=Path(args.cache) if args.cache else None, quantize=args.quantize,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"\n{summary['checkpoint_description']}, {summary['steps']} steps: "
+          f"{summary['audio_s']:.2f} s of audio generated in {summary['generate_s']:.1f} s at full precision")
+    for name, r in summary["reports"].items():
+        print(f"  {name:38s} {r['status']:11s} {r['reason'] or ''}")
+    print(f"report:  {summary['report_html']}\nsummary: {Path(args.out) / 'summary.json'}  "
+          f"(total {summary['total_s']:.0f} s)")
+    return 1 if any(r["status"] == "fail" for r in summary["reports"].values()) else 0
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default, except where the help already names it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.required):
+            return text
+        return super()._get_help_string(action)
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _DefaultsFormatter
+    for action in parser._actions:
+        if action.help is None and action.default is not None and action.default is not False:
+            action.help = "(default: %(default)s)"
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_defaults(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from targets import target_names
+
     p = argparse.ArgumentParser(prog="toolkit", description=(
         "adm-edge: take an audio latent diffusion model from the GPU cluster to a device."))
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    targets = [*target_names(), "all"]
 
-    s = sub.add_parser("run", help="the main job on a checkpoint (default: the embedded demo)")
-    s.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (default: demo)")
-    s.add_argument("--out", default="runs/demo", help="output directory")
-    s.add_argument("--steps", type=int, default=8, help="DDIM steps (fewer: faster, rougher)")
+    s = sub.add_parser("run", help="the main job: reference generation, calibration, sensitivity, plan, fp32 and "
+                       "quantized bundles for every target, verification, report.html")
+    s.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint directory (default: the embedded demo, the distilled 8-step student)")
+    s.add_argument("--out", default="runs/demo", help="output directory (refused when it exists, unless --force)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    s.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the checkpoint's; fewer: faster, rougher)")
+    s.add_argument("--target", action="append", default=None, choices=targets,
+                   help="repeatable (default: every target)")
+    s.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
+                   help="calibrate, plan and export quantized bundles too (--no-quantize: fp32 only, faster)")
+    s.add_argument("--cache", default=None,
+                   help="folder for the calibration set and sensitivity table, reused when their inputs match "
+                        "(default: .cache beside --out)")
     s.add_argument("--runs", type=int, default=3, help="timed runs per latency figure")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_run)
@@ -355,9 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="bundles", help="directory for the bundles")
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("report", help="merge device reports into a device matrix (md, html, png)")
-    s.add_argument("reports", nargs="+", help="report JSON files from runtime_py verify")
-    s.add_argument("--out", required=True, help="output directory")
+    s = sub.add_parser("report", help="merge device reports into report.html and a device matrix (md, png)")
+    s.add_argument("reports", nargs="+", help="report JSON files from runtime_py verify (any number of devices)")
+    s.add_argument("--out", required=True, help="output directory: report.html, matrix.md, matrix.html, PNG plots")
+    s.add_argument("--run", default=None,
+                   help="a toolkit run output folder: its listening clips and musical agreement go into the page")
+    s.add_argument("--bundle-dir", dest="bundles", action="append", default=[],
+                   help="repeatable: folders holding the reports' bundles (sizes and lowering summaries; "
+                        "default: the path each report names)")
     s.set_defaults(func=_report)
 
     s = sub.add_parser("matrix", help="CI leg: export to every target, verify here, write the matrix")
@@ -396,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     from toolkit.distill import add_distill_parser
 
     add_distill_parser(sub)
+    _with_defaults(p)
     return p
 
 
@@ -424,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
         return args.func(args)
+    except BrokenPipeError:  # `toolkit models --json | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CheckpointError, ConfigError, FileExistsError, ValueError, NotImplementedError, ParityError,
             QualityBudgetError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -556,6 +556,9 @@ def write_synth_dataset(
     refuse_if_occupied()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp_dir, 0o777 & ~mask)  # tempfile's 0700 is not what a dataset folder should be
     names = [f"synth_{i:05d}" for i in range(n)]
     try:
         for i in _progress(range(n), total=n, enabled=progress, desc=f"synth {out_dir.name}"):
