@@ -83,7 +83,10 @@ def _calibration_set(pipeline, args, work: Path) -> Path:
     if args.calib is not None:
         return args.calib
     from calibration.sampling import calibrate
-    from toolkit.data.synth import MIN_SAMPLE_RATE, write_synth_dataset  # tracks are resampled on load
+    from toolkit.data.synth import (  # tracks are resampled on load
+        MIN_SAMPLE_RATE,
+        write_synth_dataset,
+    )
 
     data = work / "calib_tracks"
     log(f"calibration set: {args.calib_tracks} synthetic tracks (seed {args.seed}) ...")
@@ -99,7 +102,10 @@ def _held_out(pipeline, args, work: Path):
     import torch
 
     from calibration.sampling import conditioning_latents, load_vocal_clips
-    from toolkit.data.synth import MIN_SAMPLE_RATE, write_synth_dataset  # tracks are resampled on load
+    from toolkit.data.synth import (  # tracks are resampled on load
+        MIN_SAMPLE_RATE,
+        write_synth_dataset,
+    )
 
     data = work / "eval_tracks"
     write_synth_dataset(data, n=args.examples, seconds=pipeline.segment_samples / pipeline.sample_rate,
