@@ -493,7 +493,7 @@ def quiet_third_party() -> None:
     import warnings
 
     for name in ("torchao", "coremltools", "torch.onnx", "torch._export", "torch.export", "executorch",
-                 "onnxruntime", "root"):
+                 "onnxruntime", "torch.utils._pytree", "root"):
         logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
