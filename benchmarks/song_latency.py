@@ -367,12 +367,14 @@ def floors(macs: dict, peaks: dict, precision: str, threads: int) -> dict | None
 
 
 def build_table(rows: dict, exports: dict, macs: dict, peaks: dict, geo: dict, threads: list[int],
-                int8_peak: str) -> str:
+                int8_peak: str, variants: list[str]) -> str:
     head = ["runtime", "precision", "threads", "encode s", "denoise s", "decode s", "total s",
             "× real time", "floor s (enc / den / dec)", "peak RSS MB", "files MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for runtime, precision in VARIANTS:
         key = f"{runtime}/{precision}"
+        if key not in variants:
+            continue
         sizes = [exports.get(f"{key}/{c}", {}).get("file_bytes") for c in COMPONENTS]
         files = "—" if runtime == "eager" or None in sizes else f"{sum(sizes) / 1e6:.1f}"
         for n in threads:
@@ -504,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                "geometry": geo, "wall_s": time.time() - t_start, "macs": macs, "peaks": peaks,
                "exports": exports, "rows": rows, "seam": seam, "profiles": profiles}
     (a.out / "results.json").write_text(json.dumps(payload, indent=2))  # before the table: keep the figures
-    table = build_table(rows, exports, macs, peaks, geo, threads, int8_peak)
+    table = build_table(rows, exports, macs, peaks, geo, threads, int8_peak, a.variants)
     notes = [f"Song: {geo['seconds']:.2f} s of {geo['audio_channels']}-channel audio at {geo['sample_rate']} Hz "
              f"({geo['frames']} latent frames); denoiser `{a.config}` (random seeded weights, guidance "
              f"folded: {a.steps} batch-1 calls); VAE `{a.vae}` in {geo['chunks']} chunk(s) of "
