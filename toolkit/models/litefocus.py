@@ -164,21 +164,30 @@ def _band_bias(n: int, lo: int, hi: int, block: int, dtype: torch.dtype) -> torc
     start = torch.arange(nb)[:, None, None] * block
     i = start + r
     j = start - lo + u
-    inside = (u >= r) & (u <= r + lo + hi) & (((j >= 0) & (j < n)) | (i >= n))
+    in_range = torch.logical_or(torch.logical_and(j >= 0, j < n), i >= n)
+    inside = torch.logical_and(torch.logical_and(u >= r, u <= r + lo + hi), in_range)
     return torch.where(inside, 0.0, NEG_INF).to(dtype)
 
 
-def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lo: int, hi: int) -> torch.Tensor:
+def band_bias(n: int, lo: int, hi: int) -> torch.Tensor:
+    """The additive bias ``band_attention`` adds to its blockwise scores, (nb, block, 2·block)."""
+    return _band_bias(n, lo, hi, _block_size(lo, hi), torch.float32)
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lo: int, hi: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """y_i = Σ_{j ∈ W(i)} softmax_j(q_i · k_j / √d) v_j with W(i) = [i − lo, i + hi] ∩ [0, N).
 
     Seed 000 eq. 1 with lo = ⌊w/2⌋, hi = w − ⌊w/2⌋ − 1. Queries go in blocks of lo + hi; each block
     attends to the 2·block keys that hold its windows, so the cost is O(N · w), not O(N²).
+    ``bias``: ``band_bias(N, lo, hi)`` made beforehand (a module keeps it as a constant, so that an
+    exported graph holds no mask arithmetic).
     """
     b, h, n, d = q.shape
     block = _block_size(lo, hi)
     qb = _pad_queries(q, block).reshape(b, h, -1, block, d)
     scores = (qb @ _chunks(k, lo, block).transpose(-1, -2)) * (1.0 / math.sqrt(d))
-    scores = scores + _band_bias(n, lo, hi, block, q.dtype)
+    scores = scores + (band_bias(n, lo, hi).to(q.dtype) if bias is None else bias)
     out = scores.softmax(dim=-1) @ _chunks(v, lo, block)
     return out.reshape(b, h, -1, d)[:, :, :n]
 
@@ -200,7 +209,7 @@ def _in_structured_set(d: torch.Tensor, band: int, lags: tuple[int, ...]) -> tor
     """Whether key j = i + d is in S_i (band and lags), for an integer tensor of offsets d."""
     inside = d.abs() <= band
     for p in lags:
-        inside = inside | (d == p) | (d == -p)
+        inside = torch.logical_or(inside, d.abs() == p)
     return inside
 
 
@@ -240,7 +249,7 @@ def litefocus_attention(
         for p in lags:
             for offset in (p, -p):
                 j = rows + offset
-                ok = ((j >= 0) & (j < n)) | (rows >= n)
+                ok = torch.logical_or(torch.logical_and(j >= 0, j < n), rows >= n)
                 s_lag = (qp * _shift(k, offset, n_rows)).sum(dim=-1, keepdim=True) * scale
                 parts.append(s_lag + torch.where(ok, 0.0, NEG_INF).to(q.dtype)[:, None])
     else:

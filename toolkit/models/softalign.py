@@ -29,7 +29,7 @@ from torch import nn
 
 from toolkit.config import register, require
 from toolkit.diffusion import CosineSchedule, alpha_sigma
-from toolkit.models.litefocus import LiteFocusConfig, band_attention, litefocus_attention
+from toolkit.models.litefocus import LiteFocusConfig, band_attention, band_bias, litefocus_attention
 
 
 @register
@@ -208,9 +208,22 @@ class SoftAlignAttention(nn.Module):
         cos, sin = rope_tables(length, head_dim, rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # RoPE tables of other lengths, made on first use (``prepare_length`` before torch.export
-        # makes them constants of the graph rather than traced float64 ops).
+        # eq. 1's window as the blockwise band's additive bias (O(L·w) entries, not L²)
+        self.register_buffer("local_bias", band_bias(length, window // 2, window - window // 2 - 1),
+                             persistent=False)
+        # RoPE tables and window biases of other lengths, made on first use (``prepare_length``
+        # before torch.export makes them constants of the graph rather than traced ops).
         self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bias_cache: dict[int, torch.Tensor] = {}
+
+    def local_window(self, length: int) -> torch.Tensor:
+        """The local branch's band bias for ``length`` frames."""
+        if length == self.length:
+            return self.local_bias
+        if length not in self._bias_cache:
+            w = self.window
+            self._bias_cache[length] = band_bias(length, w // 2, w - w // 2 - 1)
+        return self._bias_cache[length]
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables for ``length`` frames (the first rows of every longer table are equal)."""
@@ -231,7 +244,8 @@ class SoftAlignAttention(nn.Module):
         q, k, v = self.qkv(self.norm(x)).chunk(3, dim=1)
         q, k, v = (_heads(a, self.n_heads) for a in (q, k, v))
         w = self.window
-        local = band_attention(q, k, v, lo=w // 2, hi=w - w // 2 - 1)  # eq. 1, W(i) as local_window_bias
+        local = band_attention(q, k, v, lo=w // 2, hi=w - w // 2 - 1,  # eq. 1, W(i) as local_window_bias
+                               bias=self.local_window(q.shape[2]).to(q.dtype))
         cos, sin = self.rope(q.shape[2])
         qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if litefocus is None or q.shape[2] <= self.length:
@@ -365,6 +379,7 @@ class SoftAlignUNet(nn.Module):
         """Make the RoPE table for ``length`` now, so that torch.export sees it as a constant."""
         self.check_length(length)
         self.attn.rope(length // self.config.downsampling)
+        self.attn.local_window(length // self.config.downsampling)
 
     def forward(
         self,
