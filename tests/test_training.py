@@ -149,9 +149,14 @@ def test_demo_checkpoint_loads_and_generates(tmp_path):
 
     pipe = load_checkpoint(None)
     assert pipe.path == DEMO_CHECKPOINT
+    # The demo is the distilled student (guidance folded); its teacher's training is in its provenance.
     prov = pipe.config.provenance
-    assert prov["trained_with"] == "toolkit train" and prov["command"].startswith("toolkit train")
-    assert prov["vae"]["trained_with"] == "toolkit train-vae" and prov["wall_time_s_last_run"] > 0
+    assert prov["distilled_with"] == "toolkit distill" and pipe.config.guidance_folded
+    assert pipe.config.default_steps == prov["student_steps"]
+    teacher = prov["teacher_provenance"]
+    assert teacher["trained_with"] == "toolkit train" and teacher["command"].startswith("toolkit train")
+    assert teacher["vae"]["trained_with"] == "toolkit train-vae" and teacher["wall_time_s_last_run"] > 0
+    assert load_checkpoint(DEMO_CHECKPOINT.parent / "demo-teacher").config.provenance == teacher
     vocals, _, _ = synth_pair(3, seconds=3.0, sample_rate=16000)
     sf.write(tmp_path / "vocals.wav", vocals.T, 16000)
     run_cli("generate", "--vocals", str(tmp_path / "vocals.wav"), "--out", str(tmp_path / "acc.wav"),

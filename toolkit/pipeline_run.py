@@ -171,7 +171,13 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int | None = None
 
     for target in targets:
         t0 = time.time()
-        b = export_bundle(pipe, target=target, out_root=bundles_dir, steps=steps)
+        try:
+            b = export_bundle(pipe, target=target, out_root=bundles_dir, steps=steps)
+        except (ValueError, RuntimeError, NotImplementedError, KeyError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            failed_reports.append(_export_failure_report(reports_dir, pipe, target, "fp32", why))
+            log(f"  {target} fp32: export failed ({why[:200]}) [{time.time() - t0:.0f} s]")
+            continue
         bundles.append(b)
         log(f"  {b.name} in {time.time() - t0:.0f} s")
     stages.done()
