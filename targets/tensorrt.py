@@ -138,6 +138,9 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
     if plan is not None:
         quantized = qdq.quantize_plan(model, spec, plan=plan, calib=calib, planned=planned)
         model = quantized.model
+        rounded = onnx_target.apply_rounding(model, plan, quantized)  # GPTQ plans: the plan's integers
+        quantized.details["rounding"] = ({"method": "gptq", "layers": rounded} if rounded
+                                         else {"method": "rtn"})
     problems = list(dict.fromkeys(tensorrt_problems(model) + qdq_problems(model)))
     if problems:
         raise ValueError(f"{spec.name}: the ONNX graph is not ready for TensorRT: "

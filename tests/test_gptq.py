@@ -375,3 +375,27 @@ def test_exported_denoiser_carries_the_plans_integers(gptq_plan, target, tmp_pat
             dq = producers[by_name[row["node"]].input[1]]
             q = inits[dq.input[0]].astype(np.int16)
             assert np.array_equal(q, r.q.numpy() if q.shape == tuple(r.q.shape) else r.q.numpy().T), layer
+
+
+def test_tensorrt_graph_carries_the_gptq_integers_exactly(tmp_path):
+    """TensorRT's graph (1-D convolutions as (k x 1) 2-D ones) gets the plan's integers, not RTN."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from targets import get_target
+
+    spec, plan, feeds = _rounded_block()
+    art = get_target("tensorrt").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=tmp_path)
+    quant = art.details["quantization"]
+    assert quant["rounding"]["method"] == "gptq" and quant["rounding"]["layers"]
+    model = onnx.load(str(tmp_path / art.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    for layer, width in quant["rounding"]["layers"].items():
+        want = plan.rounding[layer][width].q.numpy()
+        for row in quant["nodes"][layer]:
+            q = inits[producers[by_name[row["node"]].input[1]].input[0]].astype(np.int16)
+            q = q[..., 0] if q.ndim == 4 else q  # the (k x 1) kernel of a rewritten Conv1d
+            assert np.array_equal(q, want) or np.array_equal(q, want.T), layer
