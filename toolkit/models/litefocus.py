@@ -55,7 +55,7 @@ class LiteFocusConfig:
 
     ``ratio``: r of eq. 6 (the paper's default 0.1). ``band``: half-width of the structured set's
     band in frames at the attention's resolution (None: half the training length there, the
-    offsets the model saw in training; on the demo, ±16 of 32 bottleneck frames holds 91 % of the
+    offsets the model saw in training; on demo v3, ±16 of 32 bottleneck frames holds 91 % of the
     global attention's mass, `toolkit attention-maps`). ``lags``: extra
     periodic offsets in S_i (each > band). ``seed``: the compensation draw's seed (a sampler draws
     call k of a generation with ``call=k``). ``structured=False`` drops S_i: compensation only, the
