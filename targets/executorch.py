@@ -51,8 +51,9 @@ the SAO decoder, whose kernel-7 convolutions copy seven taps. Those speeds were 
 the graph cut into 40 delegates (GroupNorm, split and expand outside XNNPACK, and every
 per-step linear its own delegate); they are to be measured again on the whole graph
 (benchmarks/int8_scheme.py --speed) before the default is chosen again. Quality on the whole
-graph (``python benchmarks/int8_scheme.py --examples 6 --steps 16 --calib-tracks 12``: the demo
-denoiser, every layer W8A8, 64 PTQ4ADM calibration inputs, 6 held-out examples): static 6.1 dB
+graph (``python benchmarks/int8_scheme.py --checkpoint toolkit/assets/demo-teacher --examples 6
+--steps 16 --calib-tracks 12``: the demo v3 denoiser, CFG batch 2, every layer W8A8, 64 PTQ4ADM
+calibration inputs, 6 held-out synthetic examples; not yet on the distilled student): static 6.1 dB
 mean / 2.2 dB worst latent SNR, distance over spread 0.145 / 0.290; per-step 23.5 / 10.3 dB,
 0.009 / 0.045. Per-step stays the default.
 
