@@ -57,3 +57,54 @@ def test_run_chain_reuse_and_refusal(tiny_checkpoint, tmp_path, capsys):
     assert main(["report", *reports, "--run", str(out), "--out", str(tmp_path / "merged")]) == 0
     merged = (tmp_path / "merged" / "report.html").read_text()
     assert merged.count("<audio") == page.count("<audio")
+
+
+def test_first_hour_refusals_come_before_any_compute(tmp_path, capsys):
+    """Bad arguments and paths are refused with the file named, before a model is loaded."""
+    import numpy as np
+    import soundfile as sf
+
+    from toolkit.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+
+    vocals = tmp_path / "v.wav"
+    sf.write(vocals, np.zeros(1600, np.float32), 16000)
+    for argv, says in ((["--vocals", str(tmp_path / "none.wav"), "--out", str(tmp_path / "a.wav")], "none.wav"),
+                       (["--vocals", str(vocals), "--out", str(tmp_path)], "is a directory"),
+                       (["--vocals", str(vocals), "--out", str(tmp_path / "a.flac")], ".wav"),
+                       (["--vocals", str(vocals), "--out", str(tmp_path / "a.wav"), "--steps", "0"], "--steps"),
+                       (["--vocals", str(vocals), "--out", str(tmp_path / "a.wav"), "--guidance", "-1"], "--guidance")):
+        assert main(["generate", *argv]) == 2
+        assert says in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_help_shows_defaults():
+    from toolkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "verb").choices
+    assert "(default: 3)" in sub["run"].format_help()
+    assert "(default: 0)" in sub["data"].format_help() or "(default: 16000)" in \
+        next(a for a in sub["data"]._actions if a.dest == "data_verb").choices["synth"].format_help()
+
+
+def test_calibrate_names_every_unusable_track_at_once(tiny_checkpoint, tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    from toolkit.cli import main
+
+    for name, n in (("short1", 1600), ("short2", 800), ("ok", 32000)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for stem in ("vocals", "accompaniment"):
+            sf.write(tmp_path / "data" / name / f"{stem}.wav", np.full(n, 0.1, np.float32), 16000)
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "calib")]) == 2
+    err = capsys.readouterr().err
+    assert "2 track(s)" in err and "short1" in err and "short2" in err and "ok/" not in err
+    assert not (tmp_path / "calib").exists()
