@@ -1,8 +1,8 @@
-"""Which int8 activation scheme should ExecuTorch use by default: static per-tensor or per time step?
+"""Which int8 activation scheme should ExecuTorch use by default: static per-tensor or per latent frame?
 
 targets.executorch lowers a W8A8 plan entry in one of two ways (``INT8_ACTIVATIONS_ON_XNNPACK``):
 ``static`` (one calibrated scale per tensor, XNNPACK's static int8 kernels, every int8 layer's
-output quantized too) or ``per_step`` (int8 activations with one scale per time step computed at
+output quantized too) or ``per_frame`` (int8 activations with one scale per latent frame computed at
 run time: Conv1d as a time-major Linear, XNNPACK's dynamically quantized kernels). This measures
 both on a checkpoint (default: the embedded demo), with the whole graph in XNNPACK:
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks._record import append_section, command_line  # noqa: E402
 from benchmarks.xnnpack_peak import run_worker, worker_main  # noqa: E402
 
-SCHEMES = ("static", "per_step")
+SCHEMES = ("static", "per_frame")
 
 
 def log(message: str) -> None:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if a.record:
-        append_section("int8 activation scheme on ExecuTorch: static per-tensor vs per time step",
+        append_section("int8 activation scheme on ExecuTorch: static per-tensor vs per latent frame",
                        command=command_line(__file__, argv), wall_s=time.time() - t_start,
                        notes=notes, table=table)
     return 0

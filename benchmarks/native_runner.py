@@ -10,7 +10,7 @@ same thread count, each runner verifies the bundle in its own process:
 Both time each component on its deployed shapes and whole generations (encode, DDIM with CFG,
 decode) the same way (warm-up, then ``--runs`` timed calls; p50 recorded), and report their own
 process's peak RSS. The int8 bundle uses the plan preset ``--int8-preset`` (default w8a16: int8
-weights, int8 activations per time step on XNNPACK; no calibration set needed), or ``--plan`` with
+weights, int8 activations per latent frame on XNNPACK; no calibration set needed), or ``--plan`` with
 ``--calib`` for a searched plan. The runners must agree: the table carries each one's worst latent
 SNR against the bundle's PyTorch reference.
 

@@ -57,7 +57,7 @@ COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
 VARIANTS = (("eager", "fp32"), ("executorch", "fp32"), ("executorch", "int8"),
             ("executorch", "int8-static"), ("onnx", "fp32"), ("onnx", "int8"))
-# ExecuTorch int8 is the target's default scheme (int8 activations per time step, dynamic:
+# ExecuTorch int8 is the target's default scheme (int8 activations per latent frame, dynamic:
 # targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK); int8-static is its per-tensor static alternative.
 INT8_PRECISIONS = ("int8", "int8-static")
 AUDIO_SECONDS = 1.0  # the VAE decoder decodes the latent of this much audio per call
@@ -155,7 +155,7 @@ def work_export(job: dict) -> dict:
         import targets.executorch
 
         targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK = (
-            "static" if job["precision"] == "int8-static" else "per_step")
+            "static" if job["precision"] == "int8-static" else "per_frame")
         plan = w8a8_plan(spec.module)
         calib = [random_inputs(job["component"], job["preset"], seed=job["seed"] + 1 + i)
                  for i in range(job["calib_n"])]
@@ -416,7 +416,7 @@ def peak_of(key: str) -> str:
     if key == "executorch/int8":
         import targets.executorch
 
-        return "int8-step" if targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK == "per_step" else "int8-static"
+        return "int8-frame" if targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK == "per_frame" else "int8-static"
     return PEAK_OF[key]
 
 
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         artifacts = a.out / "artifacts" if a.keep_artifacts else work / "artifacts"
         peaks = measure_peaks(rows=a.peak_size[0], in_features=a.peak_size[1],
                               out_features=a.peak_size[2], threads=a.threads,
-                              precisions=["fp32", "int8-static", "int8-step"], warmup=2, runs=5,
+                              precisions=["fp32", "int8-static", "int8-frame"], warmup=2, runs=5,
                               timeout_s=a.timeout, work=work / "peak")
         results = [measure_component(c, presets[c], seed=a.seed, calib_n=a.calib_n, threads=a.threads,
                                      warmup=a.warmup, runs=a.runs, timeout_s=a.timeout, work=work,
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "with both CFG branches (batch 2). VAE decoder: the latent of 1 s of audio "
         "(ceil(sample rate / downsampling) frames), so its ms are ms per second of audio. int8 = "
         "every Conv/ConvTranspose/Linear W8A8 with per-channel symmetric weights. ExecuTorch int8: "
-        "int8 activations with one scale per time step computed at run time (Conv1d as time-major "
+        "int8 activations with one scale per latent frame computed at run time (Conv1d as time-major "
         "Linear, XNNPACK's dynamically quantized kernels; the target's default); int8-static: one "
         "calibrated scale per tensor, the static XNNPACK int8 kernels. ONNX int8: static QDQ. "
         f"Static scales calibrated on {a.calib_n} random inputs (t ~ U(0, 1)). ONNX Runtime through "

@@ -414,10 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--variants", nargs="+", default=[f"{r}/{q}" for r, q in VARIANTS],
                    choices=[f"{r}/{q}" for r, q in VARIANTS])
-    p.add_argument("--int8-scheme", choices=("static", "per_step"),
+    p.add_argument("--int8-scheme", choices=("static", "per_frame"),
                    default=targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK,
                    help="ExecuTorch int8 activations: one calibrated scale per tensor, or one per "
-                        "time step at run time (targets.executorch)")
+                        "latent frame at run time (targets.executorch)")
     p.add_argument("--runs", type=int, default=1, help="timed songs per row (best is shown)")
     p.add_argument("--calib-n", type=int, default=4, help="random calibration inputs for int8")
     p.add_argument("--seed", type=int, default=0)
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"config": a.config, "vae": a.vae, "seed": a.seed, "geometry": geo, "steps": a.steps}
     t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
-    int8_peak = "int8-static" if a.int8_scheme == "static" else "int8-step"
+    int8_peak = "int8-static" if a.int8_scheme == "static" else "int8-frame"
     log(f"song: {geo['seconds']:.2f} s ({geo['frames']} latent frames × {geo['hop']}), VAE in "
         f"{geo['chunks']} chunk(s) of {geo['chunk']} + 2×{geo['overlap']} frames")
 

@@ -2,7 +2,7 @@
 
 One large Linear (``--rows`` × ``--in-features`` → ``--out-features``) is exported with
 ``targets.executorch`` exactly as a component is (fp32; int8 static: per-channel int8 weights and
-one calibrated activation scale; int8 per-step: the same weights, activations quantized per row
+one calibrated activation scale; int8 per-frame: the same weights, activations quantized per row
 at run time, XNNPACK's dynamically quantized kernel) and timed through runtime_py's ExecuTorch
 runner at each thread count. Peak = MACs / p50 time (MACs = rows × in × out). A component's
 compute floor at a precision is its MACs (toolkit.macs) divided by this peak: nothing runs
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks._record import append_section, command_line
 
 # precision label → targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK (None: fp32, no plan)
-PRECISIONS = {"fp32": None, "int8-static": "static", "int8-step": "per_step"}
+PRECISIONS = {"fp32": None, "int8-static": "static", "int8-frame": "per_frame"}
 
 
 def log(message: str) -> None:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
              "targets.executorch and run through runtime_py's ExecuTorch runner (threadpool reset "
              f"to n before loading); {a.warmup} warm-up and {a.runs} timed calls per row, each "
              "measurement in its own subprocess. int8-static: int8 weights per channel, one "
-             "calibrated activation scale; int8-step: activations quantized per row at run time. "
+             "calibrated activation scale; int8-frame: activations quantized per row at run time. "
              "GMAC/s = MACs / time; the best (min-time) rate is the peak a floor divides by.")
     payload = {"command": command_line(__file__, argv), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                                  for k, v in vars(a).items()},
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if a.record:
-        append_section("XNNPACK peak GEMM throughput (fp32, int8 static, int8 per-step)",
+        append_section("XNNPACK peak GEMM throughput (fp32, int8 static, int8 per-frame)",
                        command=command_line(__file__, argv), wall_s=time.time() - t_start,
                        notes=notes, table=table)
     log(f"wrote {a.out / 'results.json'} ({time.time() - t_start:.0f} s)")

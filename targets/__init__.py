@@ -143,12 +143,15 @@ def check_export_args(target: str, *, precision: str, plan: dict | None,
                          "activations, which need calibration data: pass --calib DIR (toolkit calibrate)")
 
 
-def lowering_report(requested: dict, applied: dict) -> dict:
+def lowering_report(requested: dict, applied: dict, *, departures: dict | None = None) -> dict:
     """The lowering report of one component (ARCHITECTURE.md): per planned layer, requested vs applied.
 
     ``requested``: FQN → LayerPrecision (the resolved plan); ``applied``: FQN → (LayerPrecision
     actually applied, reason or None). Every requested layer must be accounted for.
+    ``departures``: FQN → reason, for layers whose types match the plan but whose scheme does not
+    (int8 activations quantized at run time, not with the calibrated ranges): not honoured either.
     """
+    departures = departures or {}
     missing = sorted(set(requested) - set(applied))
     if missing:
         raise RuntimeError(f"lowering report: no record of what was applied to {missing[:5]}; "
@@ -156,9 +159,10 @@ def lowering_report(requested: dict, applied: dict) -> dict:
     layers, differs = {}, []
     for name, want in requested.items():
         got, why = applied[name]
-        same = (got.weights, got.activations) == (want.weights, want.activations)
+        same = (got.weights, got.activations) == (want.weights, want.activations) and name not in departures
         if not same:
             differs.append(name)
+            why = departures.get(name) if why is None else why
         layers[name] = {"requested": want.to_dict(), "applied": got.to_dict(),
                         "honoured": same, "why": None if same else (why or "not given")}
     return {"layers": layers, "honoured": len(requested) - len(differs), "differs": differs}

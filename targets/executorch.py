@@ -4,7 +4,7 @@ The whole graph goes to XNNPACK: before partitioning, the edge-dialect passes of
 :mod:`targets.xnnpack_graph` rewrite every op that the installed executorch's XNNPACK
 partitioner does not claim (GroupNorm, split, no-op and broadcast expands, nearest-neighbour
 upsampling, casts of constants) into ops it does, and one ``XnnpackPartitioner`` takes float,
-static int8 and dynamically quantized (per-step) ops together. On the SoftAlign denoiser and
+static int8 and dynamically quantized (per-frame) ops together. On the SoftAlign denoiser and
 the Oobleck VAE that is one or two delegates and nothing outside, fp32 and int8 (it was 40
 delegates with 31 portable GroupNorms for the ``paper`` denoiser).
 
@@ -25,37 +25,39 @@ entry becomes on XNNPACK:
 
 | plan entry            | applied                                                                  |
 | --------------------- | ------------------------------------------------------------------------ |
-| int8 w / int8 a       | int8 per-channel weights; activations int8 with one scale per time step, |
-|                       | computed at run time (``INT8_ACTIVATIONS_ON_XNNPACK = "per_step"``):     |
+| int8 w / int8 a       | int8 per-channel weights; activations int8 with one scale per latent frame, |
+|                       | computed at run time (``INT8_ACTIVATIONS_ON_XNNPACK = "per_frame"``):     |
 |                       | Conv1d runs as a time-major Linear (:func:`conv1d_as_linear`), whose     |
 |                       | dynamically quantized XNNPACK kernel quantizes each row. ``"static"``:   |
 |                       | one calibrated scale per tensor, and every int8 layer's output is        |
 |                       | quantized too. ConvTranspose1d and grouped convs are always static       |
-| int8 w / fp16-32 a    | the same per-step int8 activations (``W8A16_ON_XNNPACK = "per_step"``):  |
+| int8 w / fp16-32 a    | the same per-frame int8 activations (``W8A16_ON_XNNPACK = "per_frame"``):  |
 |                       | XNNPACK has no int8-weight kernel with float activations; ``"float"``     |
 |                       | keeps the layer fp32 at 4× the bytes                                      |
-| int4 w                | 4-bit per-channel weights (qmin −8, qmax 7), per-step int8 activations;   |
+| int4 w                | 4-bit per-channel weights (qmin −8, qmax 7), per-frame int8 activations;   |
 |                       | Linear and rewritable Conv1d only, other convs fall back to int8          |
 | fp16 / fp32 w         | fp32: one XNNPACK program here is float32 or integer, not half per layer |
 
-Why per-step by default, measured on the demo denoiser with its refined w8a8 plan (16-step
+Why per-frame by default, measured on the demo denoiser with its refined w8a8 plan (16-step
 sampling, worst of the bundle's reference examples): static int8 activations gave 19.3 dB latent
-SNR even with every W8A16 layer kept fp32 (0.63 of the fp32 bytes); per-step activations on
+SNR even with every W8A16 layer kept fp32 (0.63 of the fp32 bytes); per-frame activations on
 every int8 layer pass the budget (21.0 dB worst in the bundle check, 0.31 of the bytes; a
 fake-quantized estimate over 8 calibration examples gave 29.9 dB mean, 19.8 dB worst, and 32.4 /
 27.0 dB for the 36 dB-target plan). A diffusion U-Net's activations vary over time steps (seed
-001's premise); one scale per tensor has to cover all of them, one scale per time step does not.
-The price is speed (BENCHMARKS.md): per-step computes its scales per call and copies the im2col
+001's premise); one calibrated scale per tensor has to cover all of them, a scale computed at run time
+for each call and latent frame (row of the time-major linear) does not; the calibrated ranges are
+then unused, and the lowering report says so for every such layer.
+The price is speed (BENCHMARKS.md): per-frame computes its scales per call and copies the im2col
 taps, 0.77× eager fp32 for the paper denoiser against 0.56× static, and 0.74× against 0.30× for
 the SAO decoder, whose kernel-7 convolutions copy seven taps. Those speeds were measured with
 the graph cut into 40 delegates (GroupNorm, split and expand outside XNNPACK, and every
-per-step linear its own delegate); they are to be measured again on the whole graph
+per-frame linear its own delegate); they are to be measured again on the whole graph
 (benchmarks/int8_scheme.py --speed) before the default is chosen again. Quality on the whole
 graph (``python benchmarks/int8_scheme.py --checkpoint toolkit/assets/demo-teacher --examples 6
 --steps 16 --calib-tracks 12``: the demo v3 denoiser, CFG batch 2, every layer W8A8, 64 PTQ4ADM
 calibration inputs, 6 held-out synthetic examples; not yet on the distilled student): static 6.1 dB
-mean / 2.2 dB worst latent SNR, distance over spread 0.145 / 0.290; per-step 23.5 / 10.3 dB,
-0.009 / 0.045. Per-step stays the default.
+mean / 2.2 dB worst latent SNR, distance over spread 0.145 / 0.290; per-frame 23.5 / 10.3 dB,
+0.009 / 0.045. Per-frame stays the default.
 
 Positive selection by module name needs ``nn_module_stack`` on the weight ``get_attr`` nodes,
 which ``torch.export`` leaves empty (NOTES.md); it is filled from the attribute path before
@@ -180,7 +182,7 @@ def conv1d_as_linear(module, names):
     The same arithmetic (im2col): the input (B, C, T) is zero-padded, its k dilated taps are
     stacked on the channel axis (B, k·C, T'), transposed to (B, T', k·C) and multiplied by the
     weight laid out tap-major (out, k·C). In this form XNNPACK's dynamically quantized linear
-    kernels apply, which quantize each row, here each time step, with its own scale at run time
+    kernels apply, which quantize each row, here each latent frame, with its own scale at run time
     (per-token activations); the 4-bit linear kernels apply too. The layer keeps its FQN; the
     Linear is its child ``linear``. Only ungrouped, zero-padded convolutions are rewritten.
     """
@@ -251,15 +253,20 @@ def _fill_get_attr_module_stack(graph_module) -> None:
                 f"fill_{i}": (".".join(parts[:i + 1]), object) for i in range(len(parts))}
 
 
-# How int8 activations lower to XNNPACK: "per_step" (dynamic, one scale per time step; the
+# How int8 activations lower to XNNPACK: "per_frame" (dynamic, one scale per latent frame; the
 # default) or "static" (one calibrated scale per tensor, and every int8 layer's output quantized
 # too). See the module doc for the measurements behind the default.
-INT8_ACTIVATIONS_ON_XNNPACK = "per_step"
-# How a W8A16 entry (int8 weights, float activations) lowers: "per_step" (int8 activations per time
+INT8_ACTIVATIONS_ON_XNNPACK = "per_frame"
+# How a W8A16 entry (int8 weights, float activations) lowers: "per_frame" (int8 activations per time
 # step, dynamic; XNNPACK has no 16-bit activation kernel) or "float" (fp32, 4× the bytes).
-W8A16_ON_XNNPACK = "per_step"
-# The schemes that run int8 activations per time step (Conv1d rewritten as a Linear).
-STEP_KINDS = ("int8_step", "int4_step")
+W8A16_ON_XNNPACK = "per_frame"
+DYNAMIC_ACTIVATIONS_REASON = ("int8 activations quantized at run time with one scale per call and latent frame "
+                              "(dynamic); the calibrated ranges are not used "
+                              "(INT8_ACTIVATIONS_ON_XNNPACK = 'per_frame')")
+NO_INTEGER_WEIGHTS_REASON = ("fp32: the plan has no integer weights for this component, and one XNNPACK program "
+                             "is float32 or integer, not half per layer")
+# The schemes that run int8 activations per latent frame (Conv1d rewritten as a Linear).
+FRAME_KINDS = ("int8_frame", "int4_frame")
 
 
 def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
@@ -270,24 +277,24 @@ def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
     for name, want in plan.items():
         leaf = module.get_submodule(name)
         linear = isinstance(leaf, nn.Linear)
-        per_step = linear or _rewritable_conv1d(leaf)
+        per_frame = linear or _rewritable_conv1d(leaf)
         kind_name = type(leaf).__name__
         if want.weights in ("fp16", "fp32"):
             kinds[name] = ("float", None if want.weights == "fp32" else
                            "fp32: one XNNPACK program is float32 or integer, not half per layer")
-        elif want.weights == "int4" and per_step:
-            kinds[name] = ("int4_step", None if want.activations == "int8" else
-                           "int8 activations per time step: XNNPACK's 4-bit kernels take int8 "
+        elif want.weights == "int4" and per_frame:
+            kinds[name] = ("int4_frame", None if want.activations == "int8" else
+                           "int8 activations per latent frame: XNNPACK's 4-bit kernels take int8 "
                            "activations")
         elif want.weights == "int4":
             kinds[name] = ("int8_static", f"int8 weights: XNNPACK has no 4-bit {kind_name} kernel "
                                           "(linear, and convolutions run as linear, only)")
-        elif want.activations == "int8" and INT8_ACTIVATIONS_ON_XNNPACK == "per_step" and per_step:
-            kinds[name] = ("int8_step", None)
+        elif want.activations == "int8" and INT8_ACTIVATIONS_ON_XNNPACK == "per_frame" and per_frame:
+            kinds[name] = ("int8_frame", None)
         elif want.activations == "int8":
             kinds[name] = ("int8_static", None)
-        elif W8A16_ON_XNNPACK == "per_step" and per_step:
-            kinds[name] = ("int8_step", f"int8 activations, one scale per time step at run time: "
+        elif W8A16_ON_XNNPACK == "per_frame" and per_frame:
+            kinds[name] = ("int8_frame", f"int8 activations, one scale per latent frame at run time: "
                                         f"XNNPACK has no int8-weight kernel with {want.activations} "
                                         "activations")
         else:
@@ -309,13 +316,13 @@ def quantize_pt2e(spec, plan: dict, calib: list):
 
     module = spec.module.eval()
     kinds = _layer_kinds(module, plan)
-    stepped = [n for n, (k, _) in kinds.items() if k in STEP_KINDS
+    stepped = [n for n, (k, _) in kinds.items() if k in FRAME_KINDS
                and isinstance(module.get_submodule(n), nn.Conv1d)]
     module = conv1d_as_linear(module, stepped).eval()
     configs = {
         "int8_static": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False),
-        "int8_step": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True),
-        "int4_step": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True,
+        "int8_frame": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True),
+        "int4_frame": get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True,
                                                        weight_qmin=-8, weight_qmax=7),
     }
     quantizer = XNNPACKQuantizer()
@@ -469,22 +476,34 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
     from targets.xnnpack_graph import whole_graph_passes
 
     lowering = None
-    if plan is not None and any(p.weights in ("int8", "int4") for p in plan.values()):
+    quantized = plan is not None and any(p.weights in ("int8", "int4") for p in plan.values())
+    if quantized:
         if precision != "fp32":
             raise ValueError(f"{NAME}: a quantization plan is applied to the fp32 model; drop --precision fp16")
         exported, kinds = quantize_pt2e(spec, plan, calib)
         got = _applied_from_graph(exported, plan)
         reasons = {n: why for n, (_, why) in kinds.items()}
-        lowering = lowering_report(plan, {n: (got[n], reasons[n]) for n in plan})
+        # A plan's int8 activations mean the calibrated ranges; the per-frame scheme computes its
+        # scales at run time instead: same types, another scheme, so not honoured, and said why.
+        dynamic = {n: DYNAMIC_ACTIVATIONS_REASON for n, (k, _) in kinds.items()
+                   if k in FRAME_KINDS and plan[n].activations == "int8"}
+        lowering = lowering_report(plan, {n: (got[n], reasons[n]) for n in plan}, departures=dynamic)
         lowering["schemes"] = {n: k for n, (k, _) in kinds.items()}
     else:
+        if plan is not None:  # a plan with no integer weights: every layer runs float, and says so
+            from calibration.precision import LayerPrecision
+
+            fp32 = LayerPrecision("fp32", "fp32", "per_tensor")
+            lowering = lowering_report(plan, {n: (fp32, None if p.weights == "fp32" and p.activations == "fp32"
+                                                  else NO_INTEGER_WEIGHTS_REASON) for n, p in plan.items()})
+            lowering["schemes"] = {n: "float" for n in plan}
         module = spec.module.eval() if precision == "fp32" else half_with_float_io(spec.module)
         exported = torch.export.export(module, tuple(spec.example_inputs))
     names = json.dumps({"inputs": list(spec.input_names), "outputs": list(spec.output_names)})
     # Everything XNNPACK can run, in as few delegates as the graph allows: the graph passes of
     # targets.xnnpack_graph rewrite the ops XNNPACK's partitioner does not claim (GroupNorm,
     # split, expand, nearest upsampling, casts of constants) into ones it does, and one
-    # partitioner takes float, static int8 and dynamically quantized (per-step) ops together.
+    # partitioner takes float, static int8 and dynamically quantized (per-frame) ops together.
     pass_manager, rewrites = whole_graph_passes()
     partitioners = [XnnpackPartitioner()]
     edge = to_edge_transform_and_lower(
@@ -505,8 +524,8 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
             {n: _precision_of(e["applied"]) for n, e in lowering["layers"].items()}),
         details={
             "executorch_version": _version("executorch"),
-            "quantizer": None if lowering is None else "torchao PT2E + XNNPACKQuantizer (per module name)",
-            "calibration_inputs": None if lowering is None else len(calib or []),
+            "quantizer": None if not quantized else "torchao PT2E + XNNPACKQuantizer (per module name)",
+            "calibration_inputs": None if not quantized else len(calib or []),
             "lowering": lowering,
             "partitioner": " + ".join(type(p).__name__ + ("(per op)" if p.per_op_mode else "")
                                       for p in partitioners),

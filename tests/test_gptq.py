@@ -231,7 +231,7 @@ def test_executorch_program_carries_the_gptq_integers_exactly(tmp_path):
     spec, plan, feeds = _rounded_block()
     art = get_target("executorch").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=tmp_path)
     schemes = art.details["lowering"]["schemes"]
-    assert schemes == {"conv": "int4_step", "lin": "int4_step", "up": "int8_static"}
+    assert schemes == {"conv": "int4_frame", "lin": "int4_frame", "up": "int8_static"}
     stored = _pte_integer_weights(tmp_path / art.path)
     expected = {"conv": ("xnn_datatype_qcint4", plan.rounding["conv"]["int4"]),
                 "lin": ("xnn_datatype_qcint4", plan.rounding["lin"]["int4"]),
@@ -352,7 +352,7 @@ def test_exported_denoiser_carries_the_plans_integers(gptq_plan, target, tmp_pat
         for name, kind in kinds.items():
             if kind == "float":
                 continue
-            width = "int4" if kind == "int4_step" else "int8"
+            width = "int4" if kind == "int4_frame" else "int8"
             r = assign.rounding[name][width]
             want = _xnnpack_layout(spec.module.get_submodule(name), r.q)
             assert any(s["q"].shape == want.shape and (s["q"] == want).all()

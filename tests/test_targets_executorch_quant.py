@@ -56,7 +56,7 @@ def denoiser_export(specs, tmp_path_factory):
     plan["conv_in"] = LayerPrecision("fp16", "fp16", "per_tensor")  # kept high: runs float here
     plan["time_mlp.0"] = LayerPrecision("int4", "int8")  # a Linear: XNNPACK has 4-bit linear
     plan["mid.0.conv1"] = LayerPrecision("int4", "int8")  # a Conv1d, run as a linear: 4-bit too
-    plan["mid.0.conv2"] = LayerPrecision("int8", "fp16")  # W8A16: int8 activations per time step
+    plan["mid.0.conv2"] = LayerPrecision("int8", "fp16")  # W8A16: int8 activations per latent frame
     feeds = _feeds(spec)
     out = tmp_path_factory.mktemp("et-quant")
     art = get_target("executorch").export(spec, precision="fp32", plan=plan, calib=feeds, out_dir=out)
@@ -67,16 +67,29 @@ def test_lowering_report_is_read_from_the_graph(denoiser_export):
     spec, plan, _, _, art = denoiser_export
     report = art.details["lowering"]["layers"]
     assert set(report) == set(plan)
-    assert report["down.0.res.0.conv1"]["honoured"] and report["down.0.res.0.conv1"]["applied"]["weights"] == "int8"
-    assert art.details["lowering"]["schemes"]["down.0.res.0.conv1"] == "int8_step"
+    assert report["down.0.res.0.conv1"]["applied"] == {"weights": "int8", "activations": "int8",
+                                                       "granularity": "per_channel"}
+    # int8 as asked, but with run-time scales per latent frame: not the calibrated ranges, so said.
+    assert not report["down.0.res.0.conv1"]["honoured"]
+    assert "calibrated ranges are not used" in report["down.0.res.0.conv1"]["why"]
+    assert art.details["lowering"]["schemes"]["down.0.res.0.conv1"] == "int8_frame"
     assert report["conv_in"]["applied"]["weights"] == "fp32" and "fp32" in report["conv_in"]["why"]
     assert report["time_mlp.0"]["applied"]["weights"] == "int4"
-    assert report["mid.0.conv1"]["applied"]["weights"] == "int4" and report["mid.0.conv1"]["honoured"]
+    assert report["mid.0.conv1"]["applied"]["weights"] == "int4"
+    assert "calibrated ranges are not used" in report["mid.0.conv1"]["why"]
     assert report["mid.0.conv2"]["applied"] == {"weights": "int8", "activations": "int8",
                                                 "granularity": "per_channel"}
-    assert "per time step" in report["mid.0.conv2"]["why"]
-    assert art.details["lowering"]["differs"] == sorted(["conv_in", "mid.0.conv2"], key=list(plan).index)
-    # One partitioner takes the float, static and per-step ops together; the graph passes leave
+    assert "per latent frame" in report["mid.0.conv2"]["why"]
+    # Beside conv_in (float) and mid.0.conv2 (W8A16 run with int8 activations), every differing layer
+    # differs only in the activation scheme, and says so; static layers (none here) would be honoured.
+    differs = art.details["lowering"]["differs"]
+    assert {"conv_in", "mid.0.conv2"} <= set(differs)
+    schemes = art.details["lowering"]["schemes"]
+    for name in set(differs) - {"conv_in", "mid.0.conv2"}:
+        assert schemes[name] in ("int8_frame", "int4_frame") and report[name]["applied"] == {
+            **report[name]["requested"], "granularity": report[name]["applied"]["granularity"]}
+    assert all(report[n]["honoured"] for n in plan if n not in differs)
+    # One partitioner takes the float, static and per-frame ops together; the graph passes leave
     # nothing outside XNNPACK (tests/test_targets_executorch_graph.py checks the details).
     assert art.details["partitioner"] == "XnnpackPartitioner"
     assert art.details["delegation"]["fully_delegated"]
@@ -181,3 +194,14 @@ def test_int4_on_a_transposed_convolution_falls_back_to_int8(specs, tmp_path):
                                           out_dir=tmp_path)
     layer = art.details["lowering"]["layers"][transposed[0]]
     assert layer["applied"]["weights"] == "int8" and "4-bit" in layer["why"]
+
+
+def test_plan_without_integer_weights_still_reports_its_lowering(specs, tmp_path):
+    spec = specs["vae_decoder"]
+    plan = {n: LayerPrecision("fp16", "fp16", "per_tensor") for n in quantizable_leaves(spec.module)}
+    art = get_target("executorch").export(spec, precision="fp32", plan=plan, calib=None, out_dir=tmp_path)
+    lowering = art.details["lowering"]
+    assert lowering is not None and set(lowering["layers"]) == set(plan)
+    assert lowering["differs"] == list(plan) and art.details["quantizer"] is None
+    assert all(e["applied"]["weights"] == "fp32" and "no integer weights" in e["why"]
+               for e in lowering["layers"].values())
