@@ -148,19 +148,9 @@ class ReplayPipeline:
 
 def native_version_check(version_at_export: str | None, native_runtime: str) -> dict:
     """runners.version_check's verdict for the ExecuTorch the binary was built against."""
-    from runtime_py.runners import get_runtime, parse_version
+    from runtime_py.runners import version_check
 
-    out = {"exported_for": version_at_export, "device": native_runtime}
-    exported_v, here_v = parse_version(version_at_export or ""), parse_version(native_runtime)
-    if exported_v is None or here_v is None:
-        return {**out, "status": "unknown", "note": "a runtime version is missing; cannot compare"}
-    if exported_v == here_v:
-        return {**out, "status": "same", "note": None}
-    why = get_runtime("executorch").incompatible(exported_v, here_v)
-    if why is not None:
-        return {**out, "status": "error", "note": why}
-    return {**out, "status": "warning",
-            "note": "runtime version differs from the one the bundle was exported and checked with"}
+    return version_check("executorch", version_at_export, here=native_runtime)
 
 
 def verify_native(bundle: Path, manifest: dict, report: dict, *, runs: int, warmup: int,
@@ -168,7 +158,7 @@ def verify_native(bundle: Path, manifest: dict, report: dict, *, runs: int, warm
     """Fill ``report`` (runtime_py.verify's skeleton, manifest fields set) from adm-run's run of
     ``bundle``: its latency, end-to-end and memory figures, quality judged here in numpy."""
     from runtime_py.bundle import load_reference
-    from runtime_py.verify import judge, quality_against_reference
+    from runtime_py.verify import judge, quality_against_reference, record_version_check
 
     report["runner"] = "native"
     binary = find_binary()
@@ -186,14 +176,8 @@ def verify_native(bundle: Path, manifest: dict, report: dict, *, runs: int, warm
     report["native"] = {"binary": str(binary), "version": binary_version(binary),
                         "status": native.get("status"),
                         "aggregate": (native.get("quality") or {}).get("aggregate")}
-    check = native_version_check((manifest.get("runtime") or {}).get("version_at_export"), runtime)
-    report["runtime_version"] = check
-    if check["status"] == "warning":
-        report.setdefault("warnings", []).append(
-            f"runtime version: exported for {check['exported_for']}, running on {check['device']}")
-    elif check["status"] == "error":
-        report.update(status="fail", reason=f"runtime version: {check['note']} (exported for "
-                                            f"{check['exported_for']}, this device has {check['device']})")
+    if not record_version_check(report, native_version_check(
+            (manifest.get("runtime") or {}).get("version_at_export"), runtime)):
         return report
 
     inputs, ref = load_reference(bundle, manifest)

@@ -466,13 +466,14 @@ def parse_version(text: str) -> tuple[int, ...] | None:
     return None if match is None else tuple(int(g) for g in match.groups() if g is not None)
 
 
-def version_check(target: str, version_at_export: str | None) -> dict:
-    """Compare the runtime version a bundle was exported for with this device's.
+def version_check(target: str, version_at_export: str | None, *, here: str | None = None) -> dict:
+    """Compare the runtime version a bundle was exported for with this device's (``here``: the
+    runtime that will run it, default the installed distribution's, e.g. the native runner's SDK).
 
     ``status``: 'same', 'warning' (different, not known to break), 'error' (known incompatible) or
     'unknown' (a version is missing); ``note`` says what to do.
     """
-    here = runtime_version(target)
+    here = runtime_version(target) if here is None else here
     out = {"exported_for": version_at_export, "device": here}
     exported_v, here_v = parse_version(version_at_export or ""), parse_version(here)
     if exported_v is None or here_v is None:

@@ -110,6 +110,20 @@ class DevicePipeline:
         return latent, self.decode(latent)
 
 
+def record_version_check(report: dict, check: dict) -> bool:
+    """Put a runtime version check into ``report``: a warning line when the versions differ, a
+    failure where they are known incompatible. False when verification must stop there."""
+    report["runtime_version"] = check
+    if check["status"] == "warning":
+        report.setdefault("warnings", []).append(
+            f"runtime version: exported for {check['exported_for']}, running on {check['device']}")
+    elif check["status"] == "error":
+        report.update(status="fail", reason=f"runtime version: {check['note']} (exported for "
+                                            f"{check['exported_for']}, this device has {check['device']})")
+        return False
+    return True
+
+
 def judge(aggregate: dict, budget: dict) -> list[dict]:
     """Budget lines: each with its value, limit and pass/fail."""
     lines = []
@@ -194,14 +208,8 @@ def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None 
     if why is not None:
         report.update(status="unavailable", reason=why)
         return report
-    check = version_check(target, (manifest.get("runtime") or {}).get("version_at_export"))
-    report["runtime_version"] = check
-    if check["status"] == "warning":
-        report.setdefault("warnings", []).append(
-            f"runtime version: exported for {check['exported_for']}, running on {check['device']}")
-    elif check["status"] == "error":
-        report.update(status="fail", reason=f"runtime version: {check['note']} (exported for "
-                                            f"{check['exported_for']}, this device has {check['device']})")
+    if not record_version_check(report, version_check(
+            target, (manifest.get("runtime") or {}).get("version_at_export"))):
         return report
 
     pipe = DevicePipeline(bundle, manifest, threads=threads)
