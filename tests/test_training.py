@@ -135,7 +135,12 @@ def test_cli_data_synth(tmp_path):
 
 
 def test_cli_reports_bad_checkpoint(tmp_path):
-    res = run_cli("generate", "--checkpoint", str(tmp_path / "none"), "--vocals", "x.wav", "--out",
+    import numpy as np
+    import soundfile as sf
+
+    vocals = tmp_path / "x.wav"  # a real vocal file: the missing checkpoint is the only fault
+    sf.write(vocals, np.zeros(2000, dtype=np.float32), 2000)
+    res = run_cli("generate", "--checkpoint", str(tmp_path / "none"), "--vocals", str(vocals), "--out",
                   str(tmp_path / "o.wav"), check=False)
     assert res.returncode == 2 and "checkpoint directory not found" in res.stderr
 
