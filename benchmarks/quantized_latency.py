@@ -38,9 +38,7 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._record import append_section, command_line
-from benchmarks.xnnpack_peak import measure_peaks, peak_gmacs
+from benchmarks.xnnpack_peak import measure_peaks, peak_gmacs, run_worker
 
 COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
@@ -307,31 +305,8 @@ def worker_main(job_path: Path) -> int:
 
 
 def run_job(job: dict, *, work: Path, timeout_s: float, threads: int | None = None) -> dict:
-    """Run one worker job in a fresh process (own session, so a hang is killed whole)."""
-    fd, job_path = tempfile.mkstemp(prefix=f"{job['kind']}-", suffix=".json", dir=work)
-    os.close(fd)
-    job = {**job, "result": job_path + ".result"}
-    Path(job_path).write_text(json.dumps(job))
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", job_path],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"error": f"timeout after {timeout_s:.0f} s", "timeout": True}
-    wall = time.perf_counter() - t0
-    result_path = Path(job["result"])
-    if not result_path.exists():
-        return {"error": f"worker exited {proc.returncode} without a result: {stderr[-1500:]}"}
-    result = json.loads(result_path.read_text())
-    result["worker_wall_s"] = wall
-    return result
+    """Run one worker job of this script in a fresh process (own session, so a hang is killed whole)."""
+    return run_worker(Path(__file__).resolve(), job, work=work, timeout_s=timeout_s, threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------
