@@ -158,7 +158,7 @@ def verify_native(bundle: Path, manifest: dict, report: dict, *, runs: int, warm
     """Fill ``report`` (runtime_py.verify's skeleton, manifest fields set) from adm-run's run of
     ``bundle``: its latency, end-to-end and memory figures, quality judged here in numpy."""
     from runtime_py.bundle import load_reference
-    from runtime_py.verify import judge, quality_against_reference, record_version_check
+    from runtime_py.verify import quality_against_reference, record_verdict, record_version_check
 
     report["runner"] = "native"
     binary = find_binary()
@@ -189,10 +189,4 @@ def verify_native(bundle: Path, manifest: dict, report: dict, *, runs: int, warm
     report["memory"] = {"peak_rss_mb": (native.get("memory") or {}).get("peak_rss_mb"),
                         "note": "peak RSS of the adm-run process (ExecuTorch C++ runtime, programs, arrays); "
                                 "the Python process that judged its outputs is not counted"}
-    lines = judge(aggregate, manifest["quality_budget"])
-    report["budget"]["lines"] = lines
-    passed = all(line["pass"] for line in lines)
-    report["status"] = "pass" if passed else "fail"
-    report["reason"] = None if passed else "quality budget exceeded: " + ", ".join(
-        line["metric"] for line in lines if not line["pass"])
-    return report
+    return record_verdict(report, aggregate, manifest["quality_budget"])

@@ -124,6 +124,17 @@ def record_version_check(report: dict, check: dict) -> bool:
     return True
 
 
+def record_verdict(report: dict, aggregate: dict, budget: dict) -> dict:
+    """Judge ``aggregate`` against ``budget`` into ``report``: its budget lines, status and reason."""
+    lines = judge(aggregate, budget)
+    report["budget"]["lines"] = lines
+    passed = all(line["pass"] for line in lines)
+    report["status"] = "pass" if passed else "fail"
+    report["reason"] = None if passed else "quality budget exceeded: " + ", ".join(
+        line["metric"] for line in lines if not line["pass"])
+    return report
+
+
 def judge(aggregate: dict, budget: dict) -> list[dict]:
     """Budget lines: each with its value, limit and pass/fail."""
     lines = []
@@ -245,13 +256,7 @@ def verify(bundle: Path, *, runs: int = 5, warmup: int = 1, threads: int | None 
                             "real_time_factor": audio_s / (e2e["p50_ms"] / 1e3)}
     report["memory"] = {"peak_rss_mb": peak_rss_mb(),
                         "note": "peak RSS of the verifying process (runtime + arrays)"}
-    lines = judge(aggregate, manifest["quality_budget"])
-    report["budget"]["lines"] = lines
-    passed = all(line["pass"] for line in lines)
-    report["status"] = "pass" if passed else "fail"
-    report["reason"] = None if passed else "quality budget exceeded: " + ", ".join(
-        line["metric"] for line in lines if not line["pass"])
-    return report
+    return record_verdict(report, aggregate, manifest["quality_budget"])
 
 
 def write_report(report: dict, out: Path) -> None:
