@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._record import append_section, command_line  # noqa: E402
-from benchmarks.xnnpack_peak import run_worker, worker_main  # noqa: E402
+from benchmarks.xnnpack_peak import run_worker, time_runs, worker_main  # noqa: E402
 
 SCHEMES = ("static", "per_frame")
 
@@ -54,13 +54,7 @@ def work_time(job: dict) -> dict:
     rng = np.random.default_rng(0)
     feed = {name: (rng.random(shape) if name == "t" else rng.standard_normal(shape)).astype(dtype)
             for name, (shape, dtype) in runner.input_specs.items()}
-    for _ in range(job["warmup"]):
-        runner.run(feed)
-    ms = []
-    for _ in range(job["runs"]):
-        t0 = time.perf_counter()
-        runner.run(feed)
-        ms.append(1e3 * (time.perf_counter() - t0))
+    ms = time_runs(runner, feed, warmup=job["warmup"], runs=job["runs"])
     return {"threads_actual": runner.threads, "ms": ms, "p50_ms": statistics.median(ms), "min_ms": min(ms)}
 
 

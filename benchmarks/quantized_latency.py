@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._record import append_section, command_line
-from benchmarks.xnnpack_peak import measure_peaks, peak_gmacs, run_worker
+from benchmarks.xnnpack_peak import measure_peaks, peak_gmacs, run_worker, time_runs
 
 COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
@@ -229,13 +229,7 @@ def work_runtime(job: dict) -> dict:
     runner = load_runner(job["runtime"], Path(job["path"]), threads=job["threads"])
     arrays = [t.numpy() for t in random_inputs(job["component"], job["preset"], seed=job["seed"])]
     feed = dict(zip(runner.input_names, arrays, strict=True))
-    for _ in range(job["warmup"]):
-        runner.run(feed)
-    ms = []
-    for _ in range(job["runs"]):
-        t0 = time.perf_counter()
-        runner.run(feed)
-        ms.append(1e3 * (time.perf_counter() - t0))
+    ms = time_runs(runner, feed, warmup=job["warmup"], runs=job["runs"])
     out = {"threads_actual": runner.threads, **_quantiles(ms)}
     if job["runtime"] == "onnx" and job.get("count_int8_kernels"):
         out["ort_int8_kernels"] = _ort_int8_kernels(job["path"])

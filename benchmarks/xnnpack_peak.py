@@ -47,6 +47,18 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def time_runs(runner, feed: dict, *, warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each of ``runs`` calls of ``runner.run(feed)`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        runner.run(feed)
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run(feed)
+        ms.append(1e3 * (time.perf_counter() - t0))
+    return ms
+
+
 def run_worker(script: Path, job: dict, *, work: Path, timeout_s: float,
                threads: int | None = None) -> dict:
     """Run ``python script --worker JOB`` in a fresh process group; a hang is killed whole."""
@@ -140,13 +152,7 @@ def work_time(job: dict) -> dict:
     runner = load_runner("executorch", Path(job["path"]), threads=job["threads"])
     x = np.random.default_rng(3).standard_normal((job["rows"], job["in_features"])).astype(np.float32)
     feed = {runner.input_names[0]: x}
-    for _ in range(job["warmup"]):
-        runner.run(feed)
-    ms = []
-    for _ in range(job["runs"]):
-        t0 = time.perf_counter()
-        runner.run(feed)
-        ms.append(1e3 * (time.perf_counter() - t0))
+    ms = time_runs(runner, feed, warmup=job["warmup"], runs=job["runs"])
     return {"threads_actual": runner.threads, "ms": ms, "p50_ms": statistics.median(ms),
             "min_ms": min(ms)}
 
