@@ -46,6 +46,7 @@ parameters (other ops in fp32): the host-side numerics of a package that cannot 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 from targets import TARGETS, ComponentArtifact, check_export_args, lowering_report, plan_label, replace_into
@@ -56,6 +57,9 @@ DEPLOYMENT_TARGET = "iOS18"  # ct.target.iOS18 == macOS15
 LAYER_OP_TYPES = ("conv", "conv_transpose", "linear")  # the MIL ops of Conv1d, ConvTranspose1d, Linear
 INT4_BLOCK_SIZE = 32  # input channels sharing one int4 scale
 WEIGHT_FILE = "Data/com.apple.CoreML/weights/weight.bin"
+# ct.convert draws two tqdm bars per component (frontend ops, MIL passes). The toolkit's CLI turns
+# them off (its export bar counts stages); a library caller keeps coremltools' own behaviour.
+CONVERTER_PROGRESS = True
 
 
 def available() -> str | None:
@@ -328,6 +332,40 @@ def _weight_configs(program, plan: dict, layer_ops: dict[str, list[str]]) -> tup
     return configs, palettes
 
 
+
+def _convert(ct, exported, spec, compute_precision):
+    import numpy as np
+
+    return ct.convert(
+        exported,
+        convert_to="mlprogram",
+        minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+        compute_precision=compute_precision,
+        inputs=[ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.float32)
+                for n, t in zip(spec.input_names, spec.example_inputs)],
+        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names],
+        skip_model_load=True,  # loading compiles the model, which only macOS can do
+    )
+
+
+@contextmanager
+def _converter_progress(enabled: bool):
+    """With ``enabled`` False, coremltools' conversion bars are drawn disabled for the duration."""
+    if enabled:
+        yield
+        return
+    from functools import partial
+
+    import coremltools.converters.mil.frontend.torch.ops as frontend
+    import coremltools.converters.mil.mil.passes.pass_pipeline as passes
+
+    saved = frontend._tqdm, passes.tqdm
+    frontend._tqdm, passes.tqdm = partial(saved[0], disable=True), partial(saved[1], disable=True)
+    try:
+        yield
+    finally:
+        frontend._tqdm, passes.tqdm = saved
+
 def load_saved_program(path: Path):
     """The MIL program of a saved .mlpackage (weights read from its weight file)."""
     import coremltools as ct
@@ -508,7 +546,6 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
                          "compression would round the float weights again); export it to executorch or "
                          "onnx, or make an RTN plan for Core ML")
     import coremltools as ct
-    import numpy as np
     import torch
 
     exported = _exported_program(spec, plan, calib)
@@ -529,16 +566,8 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
         if plan:
             selector = _plan_selector(plan, handles, selector)
         compute_precision = ct.transform.FP16ComputePrecision(op_selector=selector)
-    mlmodel = ct.convert(
-        exported,
-        convert_to="mlprogram",
-        minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
-        compute_precision=compute_precision,
-        inputs=[ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.float32)
-                for n, t in zip(spec.input_names, spec.example_inputs)],
-        outputs=[ct.TensorType(name=n, dtype=np.float32) for n in spec.output_names],
-        skip_model_load=True,  # loading compiles the model, which only macOS can do
-    )
+    with _converter_progress(CONVERTER_PROGRESS):
+        mlmodel = _convert(ct, exported, spec, compute_precision)
     described = [o.name for o in mlmodel.get_spec().description.output]
     if described != list(spec.output_names):
         raise ValueError(f"{spec.name}: Core ML outputs are {described}, expected "

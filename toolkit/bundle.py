@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,13 @@ def export_bundle(
     quality_budget: dict | None = None,
     force: bool = False,
     overwrite: bool = True,
+    progress: bool = False,
 ) -> Path:
-    """Export every component of ``pipeline`` to ``target`` and write the bundle; returns its path."""
+    """Export every component of ``pipeline`` to ``target`` and write the bundle; returns its path.
+
+    ``progress``: a bar on stderr over the export's stages (each component's lowering and parity,
+    the reference trajectories, the host quality check of a plan).
+    """
     from runtime_py.runners import runtime_version
     from targets import EXPORT_PRECISIONS, TARGETS, get_target
 
@@ -115,10 +121,15 @@ def export_bundle(
         raise FileExistsError(f"{out_root / entry.bundle_name(pipeline.config.name, requested)} exists; "
                               "choose another output or remove it")
     remove_stale_partials(out_root)
-    with staging_directory(out_root, prefix=entry.bundle_name(pipeline.config.name, requested)) as tmp:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(COMPONENTS) + 1 + (plan is not None), unit="stage", disable=not progress,
+               file=sys.stderr, leave=False, desc=f"{target} export")
+    with staging_directory(out_root, prefix=entry.bundle_name(pipeline.config.name, requested)) as tmp, bar:
         specs = component_specs(pipeline)
         components = {}
         for name in COMPONENTS:
+            bar.set_postfix_str(f"lowering {name}")
             spec = specs[name]
             layer_plan = feeds = None
             if plan is not None:
@@ -150,15 +161,18 @@ def export_bundle(
                 "outputs": _io(spec.output_names, (outs,)),
                 "details": artifact.details, "parity": parity,
             }
+            bar.update()
         if hasattr(module, "write_extras"):
             module.write_extras(tmp, components)
         label = applied_label(requested, components, plan=plan)
         ref_dir = tmp / "reference"
         ref_dir.mkdir()
+        bar.set_postfix_str(f"reference: {REFERENCE_EXAMPLES} examples × {len(REFERENCE_SEEDS)} seeds × {steps} steps")
         inputs, outputs = make_reference(pipeline, steps=steps, guidance=guidance,
                                          examples=REFERENCE_EXAMPLES, seeds=REFERENCE_SEEDS)
         np.savez(ref_dir / "inputs.npz", **inputs)
         np.savez(ref_dir / "outputs.npz", **outputs)
+        bar.update()
         table = make_table(pipeline.config.schedule, steps)
         manifest = {
             "format_version": FORMAT_VERSION, "toolkit_version": toolkit.__version__,
@@ -188,8 +202,10 @@ def export_bundle(
         final = out_root / entry.bundle_name(pipeline.config.name, label)
         _write_manifest(tmp, manifest, source=str(final / MANIFEST))
         if plan is not None:
+            bar.set_postfix_str("host quality check")
             manifest["host_check"] = host_quality_check(pipeline, tmp, manifest, plan=plan, calib=calib)
             _write_manifest(tmp, manifest, source=str(final / MANIFEST))
+            bar.update()
             if manifest["host_check"]["status"] == "fail" and not force:
                 lines = [f"{l['metric']} = {l['value']:.3g} (limit {l['limit']})"
                          for l in manifest["host_check"]["lines"] if not l["pass"]]

@@ -119,7 +119,8 @@ def _generate(args: argparse.Namespace) -> int:
     t0 = time.time()
     stats: dict = {}
     acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=args.seed, mode=args.mode,
-                                 litefocus=litefocus, max_frames=args.max_frames, stats=stats)
+                                 litefocus=litefocus, max_frames=args.max_frames, stats=stats,
+                                 progress=True)
     rate = sf.info(str(args.vocals)).samplerate
     if rate != pipe.sample_rate:  # hand back audio at the vocal's rate, sample for sample as long
         from fractions import Fraction
@@ -214,7 +215,7 @@ def _export(args: argparse.Namespace) -> int:
         path = export_bundle(pipe, target=target, out_root=Path(args.out), precision=args.precision,
                              steps=args.steps, guidance=args.guidance, plan=plan,
                              calib=Path(args.calib) if args.calib else None, quality_budget=budget,
-                             force=args.force)
+                             force=args.force, progress=True)
         manifest = json.loads((path / "manifest.json").read_text())
         print(f"{path}  ({time.time() - t0:.0f} s)")
         for line in export_summary(manifest):
@@ -497,6 +498,62 @@ def quiet_third_party() -> None:
         logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
+    import targets.coreml
+
+    targets.coreml.CONVERTER_PROGRESS = False  # the export's own bar counts stages; ct.convert's bars interleave
+
+
+# Lines that native libraries write straight to file descriptor 2, where no Python filter reaches:
+# ExecuTorch's threadpool probes ARM-only /sys files on every process's first program load (five
+# lines that say nothing about an x86 host).
+NATIVE_CHATTER = (b"[cpuinfo_utils.cpp:",)
+
+
+def _filter_native_stderr(prefixes: tuple[bytes, ...]) -> None:
+    """Route fd 2 through a pipe and drop whole lines that start with one of ``prefixes``; every
+    other byte (progress bars' carriage returns included) is forwarded as soon as it arrives."""
+    import atexit
+    import os
+    import threading
+
+    try:
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return  # no usable fd 2 (a daemon, a closed stream): nothing to filter
+
+    def forward() -> None:
+        held = b""
+        while chunk := os.read(read_end, 65536):
+            held += chunk
+            out = []
+            while True:
+                line, nl, rest = held.partition(b"\n")
+                if not nl:
+                    break
+                if not line.startswith(prefixes):
+                    out.append(line + nl)
+                held = rest
+            if held and not any(p.startswith(held[:len(p)]) for p in prefixes):
+                out.append(held)  # a partial line that cannot become chatter: a bar's update
+                held = b""
+            if out:
+                os.write(real, b"".join(out))
+        if held:
+            os.write(real, held)
+
+    thread = threading.Thread(target=forward, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end: the reader drains and stops
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,5 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The ``toolkit`` command: :func:`main` with native libraries' fd-level chatter filtered (a
+    process-wide change of fd 2, so it is made here, not in :func:`main`, which tests call in-process)."""
+    _filter_native_stderr(NATIVE_CHATTER)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

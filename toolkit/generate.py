@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from toolkit.checkpoint import Pipeline
 from toolkit.diffusion import guided_denoiser, make_table, sample_ddim
@@ -128,6 +129,7 @@ def sample_latent(
     steps: int,
     guidance: float,
     litefocus: LiteFocusConfig | None = None,
+    on_step=None,
 ) -> torch.Tensor:
     """DDIM over ``steps`` from ``noise``, conditioned on ``vocal_latent`` with CFG scale ``guidance``.
 
@@ -147,7 +149,12 @@ def sample_latent(
     else:
         model_fn = model
     denoise = guided_denoiser(model_fn, vocal_latent, guidance, folded=pipeline.config.guidance_folded)
-    return sample_ddim(denoise, noise, table)
+    return sample_ddim(denoise, noise, table, callback=_step_callback(on_step))
+
+
+def _step_callback(on_step):
+    """``sample_ddim``'s callback that calls ``on_step()`` once per step (a progress bar's update)."""
+    return None if on_step is None else (lambda i, z, x0: on_step())
 
 
 def window_starts(frames: int, window: int, hop: int) -> list[int]:
@@ -169,6 +176,7 @@ def sample_latent_windows(
     steps: int,
     guidance: float,
     hop: int | None = None,
+    on_step=None,
 ) -> torch.Tensor:
     """MultiDiffusion: DDIM on a long latent whose v̂ at each step is the average of the predictions
     of overlapping windows of the training length (``hop`` frames apart, default half a window)."""
@@ -195,7 +203,7 @@ def sample_latent_windows(
                 total[..., s:s + window] += vw[i * z.shape[0]:(i + 1) * z.shape[0]]
         return total / count
 
-    return sample_ddim(denoise, noise, table)
+    return sample_ddim(denoise, noise, table, callback=_step_callback(on_step))
 
 
 def _peak_rss_mib() -> float:
@@ -245,6 +253,7 @@ def generate_accompaniment(
     max_frames: int = DEFAULT_MAX_FRAMES,
     window_hop: int | None = None,
     stats: dict | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Vocals (C, N) at the pipeline's rate → accompaniment (C, N).
 
@@ -255,6 +264,7 @@ def generate_accompaniment(
     generated with the next draw of one seeded noise stream). ``latents``: a list that receives the
     final latent(s) (D, L) — one per segment, or one for the whole track. ``stats``: a dict that
     receives the mode, latent frames, denoiser length, wall time, peak RSS and attention sizes.
+    ``progress``: a bar on stderr counting denoising steps (all segments' steps in ``segments`` mode).
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
@@ -263,9 +273,12 @@ def generate_accompaniment(
         raise ValueError(f"vocals have {channels} channels, the model takes {pipeline.audio_channels}")
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
+    n_runs = max(1, -(-n // pipeline.segment_samples)) if mode == "segments" else 1
+    bar = tqdm(total=steps * n_runs, desc=f"denoising ({mode})", unit="step", disable=not progress,
+               file=sys.stderr, leave=False)
     if mode == "segments":
         seg = pipeline.segment_samples
-        n_seg = max(1, -(-n // seg))
+        n_seg = n_runs
         padded = np.zeros((channels, n_seg * seg), dtype=np.float32)
         padded[:, :n] = vocals
         out = []
@@ -273,7 +286,7 @@ def generate_accompaniment(
             chunk = torch.from_numpy(padded[None, :, i * seg:(i + 1) * seg])
             cond = encode_audio(pipeline, chunk)
             noise = initial_noise(pipeline, 1, generator)
-            latent = sample_latent(pipeline, cond, noise, steps=steps, guidance=guidance)
+            latent = sample_latent(pipeline, cond, noise, steps=steps, guidance=guidance, on_step=bar.update)
             if latents is not None:
                 latents.append(latent[0].numpy())
             out.append(decode_latent(pipeline, latent)[0].numpy())
@@ -290,14 +303,17 @@ def generate_accompaniment(
         cond = encode_audio_chunked(pipeline, torch.from_numpy(padded[None]))
         noise = initial_noise(pipeline, 1, generator, frames)
         if mode == "onepass":
-            latent = sample_latent(pipeline, cond, noise, steps=steps, guidance=guidance, litefocus=litefocus)
+            latent = sample_latent(pipeline, cond, noise, steps=steps, guidance=guidance, litefocus=litefocus,
+                                   on_step=bar.update)
             call_frames = frames
         else:
-            latent = sample_latent_windows(pipeline, cond, noise, steps=steps, guidance=guidance, hop=window_hop)
+            latent = sample_latent_windows(pipeline, cond, noise, steps=steps, guidance=guidance, hop=window_hop,
+                                           on_step=bar.update)
             call_frames = pipeline.denoiser.config.latent_length
         if latents is not None:
             latents.append(latent[0].numpy())
         acc = decode_latent_chunked(pipeline, latent)[0].numpy()[:, :n]
+    bar.close()
     if stats is not None:
         cfg_batch = 1 if pipeline.config.guidance_folded or guidance == 1.0 else 2
         sparse = litefocus if mode == "onepass" else None

@@ -128,7 +128,7 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int | None = None
     sf.write(out / "vocals.wav", vocals.T, pipe.sample_rate)
     sf.write(out / "true_accompaniment.wav", true_acc.T, pipe.sample_rate)
     t0 = time.time()
-    acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=seed)
+    acc = generate_accompaniment(pipe, vocals, steps=steps, guidance=guidance, seed=seed, progress=True)
     gen_s = time.time() - t0
     sf.write(out / "accompaniment.wav", acc.T, pipe.sample_rate)
     (out / "labels.json").write_text(json.dumps(labels, indent=1))
@@ -172,7 +172,7 @@ def run_main_job(out: Path, *, checkpoint: Path | None, steps: int | None = None
     for target in targets:
         t0 = time.time()
         try:
-            b = export_bundle(pipe, target=target, out_root=bundles_dir, steps=steps)
+            b = export_bundle(pipe, target=target, out_root=bundles_dir, steps=steps, progress=True)
         except (ValueError, RuntimeError, NotImplementedError, KeyError) as exc:
             why = f"{type(exc).__name__}: {exc}"
             failed_reports.append(_export_failure_report(reports_dir, pipe, target, "fp32", why))
@@ -322,7 +322,8 @@ def _plan_by_measurement(pipe, table: dict, calib_dir: Path, bundles_dir: Path, 
         for target in order:
             t0 = time.time()
             try:
-                b = export_bundle(pipe, target=target, out_root=bundles_dir, steps=steps, plan=plan, calib=calib_dir)
+                b = export_bundle(pipe, target=target, out_root=bundles_dir, steps=steps, plan=plan, calib=calib_dir,
+                                  progress=True)
             except QualityBudgetError as exc:
                 failed = (target, str(exc))
                 record["bundles"][target] = {"status": "fail", "why": str(exc)[:300]}
