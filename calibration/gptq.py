@@ -405,7 +405,7 @@ def write_rounding(path: Path, roundings: dict[str, dict[str, LayerRounding]], *
     """Write the rounding file (atomically); returns its sha256."""
     import os
 
-    from safetensors.torch import save_file
+    from toolkit.atomic import save_safetensors
 
     tensors, meta = {}, {}
     for name, widths in roundings.items():
@@ -416,7 +416,7 @@ def write_rounding(path: Path, roundings: dict[str, dict[str, LayerRounding]], *
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"component": component, "layers": json.dumps(meta)})
+    save_safetensors(tensors, tmp, metadata={"component": component, "layers": json.dumps(meta)})
     os.replace(tmp, path)
     return sha256_file(path)
 

@@ -374,10 +374,10 @@ def calibrate(
     }
 
     def write(tmp: Path) -> None:
-        from safetensors.torch import save_file
+        from toolkit.atomic import save_safetensors
 
-        save_file(intermediates, str(tmp / INTERMEDIATES), metadata={"strategy": strategy})
-        save_file({"cond": cond.contiguous(), "noise": noise.contiguous()}, str(tmp / CONDITIONING))
+        save_safetensors(intermediates, tmp / INTERMEDIATES, metadata={"strategy": strategy})
+        save_safetensors({"cond": cond.contiguous(), "noise": noise.contiguous()}, tmp / CONDITIONING)
         (tmp / LAYER_STATS).write_text(json.dumps(stats, indent=1) + "\n")
         (tmp / COVERAGE).write_text(json.dumps(report_json_safe(cov_report), indent=1) + "\n")
         manifest["seconds"] = round(time.time() - t0, 2)

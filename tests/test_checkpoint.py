@@ -118,3 +118,15 @@ def test_missing_files_and_bad_json(ckpt, tmp_path):
 def test_save_refuses_existing(ckpt):
     with pytest.raises(FileExistsError):
         save_checkpoint(ckpt, tiny_pipeline())
+
+
+def test_saved_files_follow_the_umask_not_safetensors_private_mode(ckpt):
+    """safetensors writes through a private temp file (0600); the toolkit's outputs take the umask."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = sorted(ckpt.rglob("*.safetensors"))
+    assert weights
+    for path in weights:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~mask), path

@@ -85,3 +85,15 @@ def write_text_atomically(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def save_safetensors(tensors: dict, path: Path, *, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file``, with the file's mode set by the user's umask: safetensors
+    writes through a private temporary file and renames it, which leaves the result 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return Path(path)

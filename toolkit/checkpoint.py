@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from toolkit.atomic import atomic_directory
+from toolkit.atomic import atomic_directory, save_safetensors
 from toolkit.checkpoint_errors import CheckpointError, check_state_dict
 from toolkit.config import ConfigError, config_from_dict, config_to_dict, register, require
 from toolkit.diffusion import CosineSchedule
@@ -119,8 +119,8 @@ def save_component(directory: Path, config: Any, module: torch.nn.Module) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE),
-              metadata={"config_type": config.TYPE, "format_version": str(FORMAT_VERSION)})
+    save_safetensors(state, directory / WEIGHTS_FILE,
+                     metadata={"config_type": config.TYPE, "format_version": str(FORMAT_VERSION)})
 
 
 def save_checkpoint(out_dir: Path, pipeline: Pipeline, *, overwrite: bool = False) -> Path:
