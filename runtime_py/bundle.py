@@ -91,6 +91,43 @@ def _validate(manifest: dict, *, source: str) -> None:
     for i, (a, sg) in enumerate(zip(s["alpha"], s["sigma"])):
         if abs(a * a + sg * sg - 1.0) > 1e-6:
             raise BundleError(f"{source}: sampler row {i}: alpha² + sigma² = {a * a + sg * sg:.6f} ≠ 1")
+    _check_attention(manifest, source=source)
+
+
+ATTENTION_MODES = ("dense", "litefocus")
+
+
+def attention_mode(manifest: dict) -> str:
+    """The denoiser's global attention: 'dense' (bundles before the field was written are dense) or
+    'litefocus' (its compensation indices an input, drawn per call: runtime_py.compensation)."""
+    return (manifest.get("attention") or {}).get("mode", "dense")
+
+
+def _check_attention(manifest: dict, *, source: str) -> None:
+    """A LiteFocus bundle's ``attention.compensation`` is drawable and names an int64 denoiser input."""
+    att = manifest.get("attention")
+    if att is None:
+        return
+    if not isinstance(att, dict) or att.get("mode") not in ATTENTION_MODES:
+        raise BundleError(f"{source}: field 'attention.mode' must be one of {ATTENTION_MODES}, got "
+                          f"{att.get('mode') if isinstance(att, dict) else att!r}")
+    if att["mode"] != "litefocus":
+        return
+    from runtime_py.compensation import CompensationDraw
+
+    record = att.get("compensation")
+    if not isinstance(record, dict):
+        raise BundleError(f"{source}: field 'attention.compensation' is missing; a LiteFocus bundle says how "
+                          "its compensation indices are drawn — re-export the bundle")
+    try:
+        draw = CompensationDraw(record, source=source)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    inputs = {i["name"]: i for i in manifest["components"]["denoiser"]["inputs"]}
+    spec = inputs.get(draw.input)
+    if spec is None or spec.get("dtype") != "int64" or list(spec.get("shape", [])) != [draw.count]:
+        raise BundleError(f"{source}: attention.compensation.input {draw.input!r} must be an int64 "
+                          f"[{draw.count}] input of components.denoiser.inputs, got {spec}")
 
 
 def _check_target_files(manifest: dict, *, source: str) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime_py import metrics
-from runtime_py.bundle import BundleError, load_manifest, load_reference
+from runtime_py.bundle import BundleError, attention_mode, load_manifest, load_reference
+from runtime_py.compensation import CompensationDraw
 from runtime_py.sampler import guided, sample_ddim
 
 REPORT_FORMAT_VERSION = 1
@@ -72,7 +73,12 @@ def device_info(target: str, threads: int | None) -> dict:
 
 
 class DevicePipeline:
-    """The three runners plus the sampler, as a device runs them."""
+    """The three runners plus the sampler, as a device runs them.
+
+    A LiteFocus bundle's denoiser takes the compensation indices as well: call k of a generation
+    (k = the DDIM step) gets ``runtime_py.compensation`` draw k from the manifest's seed, as the
+    reference was sampled with.
+    """
 
     def __init__(self, bundle: Path, manifest: dict, *, threads: int | None):
         from runtime_py.runners import load_runner
@@ -85,24 +91,36 @@ class DevicePipeline:
         self.table = {"t": s["t"], "alpha": s["alpha"], "sigma": s["sigma"]}
         self.guidance, self.folded = float(s["guidance"]), bool(s["guidance_folded"])
         self.denoiser_calls = 0
+        self.compensation = None
+        if attention_mode(manifest) == "litefocus":
+            self.compensation = CompensationDraw(manifest["attention"]["compensation"],
+                                                 source=str(Path(bundle) / "manifest.json"))
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
-        outputs = self.runners[name].run({k: np.ascontiguousarray(v, dtype=np.float32)
+        outputs = self.runners[name].run({k: v if v.dtype == np.int64 else np.ascontiguousarray(v, dtype=np.float32)
                                           for k, v in inputs.items()})
         return next(iter(outputs.values()))
 
     def encode(self, audio: np.ndarray) -> np.ndarray:
         return self._run("vae_encoder", audio=audio)
 
-    def denoise(self, x: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
+    def denoise(self, x: np.ndarray, t: np.ndarray, cond: np.ndarray, *, call: int = 0) -> np.ndarray:
+        """One denoiser call; ``call``: its index in the generation (which compensation draw it takes)."""
         self.denoiser_calls += 1
-        return self._run("denoiser", x=x, t=t, cond=cond)
+        if self.compensation is None:
+            return self._run("denoiser", x=x, t=t, cond=cond)
+        return self._run("denoiser", x=x, t=t, cond=cond, **{self.compensation.input: self.compensation.indices(call)})
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self._run("vae_decoder", latent=latent)
 
     def sample(self, cond: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        den = guided(self.denoise, cond, self.guidance, folded=self.folded)
+        calls = iter(range(len(self.table["t"]) - 1))  # one denoiser call per step, CFG's branches in one
+
+        def run_denoiser(x, t, c):
+            return self.denoise(x, t, c, call=next(calls))
+
+        den = guided(run_denoiser, cond, self.guidance, folded=self.folded)
         return sample_ddim(den, noise.astype(np.float32), self.table)
 
     def generate(self, vocals: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

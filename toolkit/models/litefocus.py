@@ -33,19 +33,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime_py.compensation import (  # noqa: F401  (re-exported: the numpy draw is the device's)
+    call_key, compensation_count, compensation_indices_np, mix32,
+)
 from toolkit.config import register, require
 
 NEG_INF = float("-inf")
-_MASK32 = 0xFFFFFFFF
-# Multiplier of the 32-bit integer mix (odd, so x ↦ x·M mod 2³² is a bijection; < 2³¹, so the
-# product of a 32-bit value and M fits in int64 in torch and numpy alike).
-_MIX = 0x45D9F3B
-_GOLDEN = 0x9E3779B9
 
 
 @register
@@ -85,45 +82,14 @@ class LiteFocusConfig:
 
 
 # --- the compensation set C (eq. 6), drawn identically in torch, numpy and C++ ----------------------
-
-
-def _mix32(x):
-    """A bijective 32-bit integer mix on int64 values in [0, 2³²) (torch tensors or numpy arrays)."""
-    x = x ^ (x >> 16)
-    x = (x * _MIX) & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * _MIX) & _MASK32
-    return x ^ (x >> 16)
-
-
-def compensation_count(n_keys: int, ratio: float) -> int:
-    """|C| = ⌊r · |I|⌋ (eq. 6)."""
-    return math.floor(ratio * n_keys)
-
-
-def _call_key(seed: int, call: int) -> int:
-    s = int(_mix32(np.int64(seed & _MASK32)))
-    return int(_mix32(np.int64((s ^ ((call * _GOLDEN) & _MASK32)) & _MASK32)))
-
-
-def compensation_indices_np(n_keys: int, ratio: float, *, seed: int, call: int) -> np.ndarray:
-    """C for one attention call, as int64 indices in ascending order (numpy; see the torch twin).
-
-    Every key j gets the hash h_j = mix(j ⊕ key(seed, call)); C is the ⌊r·N⌋ keys of smallest
-    hash. The mix is a bijection, so hashes never tie, and the same integer ops give the same
-    indices in torch, numpy and C++.
-    """
-    k = compensation_count(n_keys, ratio)
-    key = _call_key(seed, call)
-    h = _mix32(np.arange(n_keys, dtype=np.int64) ^ key)
-    return np.sort(np.argsort(h, kind="stable")[:k]).astype(np.int64)
+# The numpy draw and the hash live in runtime_py.compensation (the device side, which a bundle's
+# runtime runs); the torch twin below uses the same integer mix on tensors.
 
 
 def compensation_indices(n_keys: int, ratio: float, *, seed: int, call: int) -> torch.Tensor:
     """C for one attention call (torch): equal to :func:`compensation_indices_np` element for element."""
     k = compensation_count(n_keys, ratio)
-    key = _call_key(seed, call)
-    h = _mix32(torch.arange(n_keys, dtype=torch.int64) ^ key)
+    h = mix32(torch.arange(n_keys, dtype=torch.int64) ^ call_key(seed, call))
     return torch.sort(torch.argsort(h, stable=True)[:k]).values
 
 
