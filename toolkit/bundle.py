@@ -13,6 +13,12 @@ for it), its calibration inputs come from the PTQ4ADM calibration set
 bundle's name and the manifest's ``precision`` describe what the target *applied*: a plan that a
 target lowered only in part is named ``<plan>-partial``, one it lowered to no integer layer at
 all ``fp32-from-<plan>``; the requested plan stays in ``requested_precision`` and ``plan``.
+
+Long audio (``frames``): every component is exported at that many latent frames (the whole latent
+in one pass), the reference is that long, and the model part of the bundle's name says so
+(``<model>-<frames>f[-litefocus]``). With ``litefocus`` the denoiser takes its compensation set as
+an int64 input and the manifest's ``attention`` field says how a device draws it per call
+(:func:`toolkit.components.attention_record`); the reference is sampled with the same draws.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import toolkit
 from runtime_py.bundle import (FORMAT_VERSION, MANIFEST, hash_tree, manifest_digest, validate_manifest)
 from toolkit.atomic import promote, remove_stale_partials, staging_directory
 from toolkit.checkpoint import Pipeline
-from toolkit.components import COMPONENTS, component_specs, denoiser_batch
+from toolkit.components import COMPONENTS, attention_record, check_export_length, component_specs, denoiser_batch
 from toolkit.diffusion import make_table
 from toolkit.export_errors import ParityError, QualityBudgetError
+from toolkit.models.litefocus import LiteFocusConfig
 from toolkit.parity import MIN_PARITY_SQNR_DB, MIN_QUANTIZED_PARITY_SQNR_DB, check_parity
 from toolkit.quality_gate import DEFAULT_QUALITY_BUDGET, QUANTIZED_QUALITY_BUDGET, host_quality_check
 from toolkit.reference import REFERENCE_EXAMPLES, REFERENCE_SEEDS, make_reference
@@ -77,6 +84,20 @@ def applied_label(requested: str, components: dict, *, plan: dict | None) -> str
     return f"{requested}-partial" if integer else f"fp32-from-{requested}"
 
 
+# Targets whose exported denoiser takes LiteFocus's int64 compensation-index input and whose runtime
+# runs here or is known to: Core ML takes int32 inputs only, and TensorRT's handling of the int64
+# gather input is unverified (no GPU here), so a LiteFocus bundle for them is refused, not guessed.
+LITEFOCUS_TARGETS = ("executorch", "onnx")
+
+
+def bundle_model_name(model: str, frames: int, training_frames: int, litefocus: LiteFocusConfig | None) -> str:
+    """The model part of a bundle's name: ``<model>`` at the training length, else
+    ``<model>-<frames>f`` and ``-litefocus`` when its attention is LiteFocus."""
+    if frames == training_frames:
+        return model
+    return f"{model}-{frames}f" + ("-litefocus" if litefocus is not None else "")
+
+
 def export_bundle(
     pipeline: Pipeline,
     *,
@@ -91,8 +112,13 @@ def export_bundle(
     force: bool = False,
     overwrite: bool = True,
     progress: bool = False,
+    frames: int | None = None,
+    litefocus: LiteFocusConfig | None = None,
 ) -> Path:
     """Export every component of ``pipeline`` to ``target`` and write the bundle; returns its path.
+
+    ``frames``: latent frames the bundle runs at (default: the training length); ``litefocus``: the
+    denoiser's global attention beyond the training length (its C an input, see the module doc).
 
     ``progress``: a bar on stderr over the export's stages (each component's lowering and parity,
     the reference trajectories, the host quality check of a plan).
@@ -102,6 +128,18 @@ def export_bundle(
 
     if precision not in EXPORT_PRECISIONS:
         raise ValueError(f"precision must be one of {EXPORT_PRECISIONS}, got {precision!r}")
+    training_frames = pipeline.latent_shape[1]
+    frames = training_frames if frames is None else int(frames)
+    check_export_length(pipeline, frames, litefocus)
+    if litefocus is not None and target not in LITEFOCUS_TARGETS:
+        raise ValueError(f"--attention litefocus: target {target} is not supported (its denoiser would take the "
+                         f"int64 compensation indices as an input: Core ML takes int32 inputs only, TensorRT's "
+                         f"int64 gather is unverified here); export --target {' or '.join(LITEFOCUS_TARGETS)}, "
+                         f"or --attention dense for {target}")
+    if plan is not None and frames != training_frames:
+        raise ValueError(f"--plan with --frames {frames}: the calibration set and the plan's sensitivity were "
+                         f"measured at the training length ({training_frames} frames); export a long bundle in "
+                         "float (--precision fp32 or fp16), or a quantized one at the training length")
     module = get_target(target)
     why = module.available()
     if why is not None:
@@ -117,16 +155,17 @@ def export_bundle(
         raise ValueError("a plan sets every layer's precision; leave --precision at fp32")
     requested = precision if plan is None else str(plan.get("name") or "plan")
     entry = TARGETS[target]
-    if not overwrite and (out_root / entry.bundle_name(pipeline.config.name, requested)).exists():
-        raise FileExistsError(f"{out_root / entry.bundle_name(pipeline.config.name, requested)} exists; "
+    model_name = bundle_model_name(pipeline.config.name, frames, training_frames, litefocus)
+    if not overwrite and (out_root / entry.bundle_name(model_name, requested)).exists():
+        raise FileExistsError(f"{out_root / entry.bundle_name(model_name, requested)} exists; "
                               "choose another output or remove it")
     remove_stale_partials(out_root)
     from tqdm import tqdm
 
     bar = tqdm(total=len(COMPONENTS) + 1 + (plan is not None), unit="stage", disable=not progress,
                file=sys.stderr, leave=False, desc=f"{target} export")
-    with staging_directory(out_root, prefix=entry.bundle_name(pipeline.config.name, requested)) as tmp, bar:
-        specs = component_specs(pipeline)
+    with staging_directory(out_root, prefix=entry.bundle_name(model_name, requested)) as tmp, bar:
+        specs = component_specs(pipeline, frames=frames, litefocus=litefocus)
         components = {}
         for name in COMPONENTS:
             bar.set_postfix_str(f"lowering {name}")
@@ -168,8 +207,8 @@ def export_bundle(
         ref_dir = tmp / "reference"
         ref_dir.mkdir()
         bar.set_postfix_str(f"reference: {REFERENCE_EXAMPLES} examples × {len(REFERENCE_SEEDS)} seeds × {steps} steps")
-        inputs, outputs = make_reference(pipeline, steps=steps, guidance=guidance,
-                                         examples=REFERENCE_EXAMPLES, seeds=REFERENCE_SEEDS)
+        inputs, outputs = make_reference(pipeline, steps=steps, guidance=guidance, examples=REFERENCE_EXAMPLES,
+                                         seeds=REFERENCE_SEEDS, frames=frames, litefocus=litefocus)
         np.savez(ref_dir / "inputs.npz", **inputs)
         np.savez(ref_dir / "outputs.npz", **outputs)
         bar.update()
@@ -186,12 +225,15 @@ def export_bundle(
                         "guidance_folded": pipeline.config.guidance_folded,
                         "denoiser_batch": denoiser_batch(pipeline)},
             "audio": {"sample_rate": pipeline.sample_rate, "channels": pipeline.audio_channels,
-                      "segment_samples": pipeline.segment_samples},
+                      "segment_samples": specs["vae_encoder"].example_inputs[0].shape[-1]},
+            "latent": {"frames": frames, "training_frames": training_frames},
+            "attention": attention_record(pipeline, frames, litefocus),
             "components": components,
             "lowering_differences": lowering_differences(components),
             "reference": {"inputs": "reference/inputs.npz", "outputs": "reference/outputs.npz",
                           "examples": REFERENCE_EXAMPLES, "seeds": list(REFERENCE_SEEDS),
-                          "computed_with": "PyTorch fp32 (toolkit.generate)"},
+                          "computed_with": "PyTorch fp32 (toolkit.generate)" + (
+                              ", LiteFocus with the compensation draws of 'attention'" if litefocus else "")},
             "quality_budget": quality_budget or (QUANTIZED_QUALITY_BUDGET if plan is not None
                                                  else DEFAULT_QUALITY_BUDGET[precision]),
             "plan": plan,
@@ -199,7 +241,7 @@ def export_bundle(
             "source_checkpoint": str(pipeline.path) if pipeline.path else None,
         }
         manifest["files"] = hash_tree(tmp)
-        final = out_root / entry.bundle_name(pipeline.config.name, label)
+        final = out_root / entry.bundle_name(model_name, label)
         _write_manifest(tmp, manifest, source=str(final / MANIFEST))
         if plan is not None:
             bar.set_postfix_str("host quality check")

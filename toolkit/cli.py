@@ -205,17 +205,32 @@ def _export(args: argparse.Namespace) -> int:
     from targets import target_names
     from toolkit.bundle import export_bundle, export_summary
     from toolkit.checkpoint import load_checkpoint
+    from toolkit.generate import latent_frames_for
+    from toolkit.models.litefocus import LiteFocusConfig
 
     targets = target_names() if "all" in args.target else tuple(dict.fromkeys(args.target))
+    if args.frames is not None and args.seconds is not None:
+        raise ValueError("--frames and --seconds both set the bundle's length; give one")
+    if args.seconds is not None and args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    litefocus = None
+    if args.attention == "litefocus":
+        litefocus = LiteFocusConfig(ratio=0.1 if args.compensation is None else args.compensation,
+                                    band=args.focus_band, seed=args.compensation_seed)
+    elif args.compensation is not None or args.focus_band is not None or args.compensation_seed != 0:
+        raise ValueError("--compensation, --focus-band and --compensation-seed apply to --attention litefocus")
     plan = json.loads(Path(args.plan).read_text()) if args.plan else None
     budget = json.loads(args.quality_budget) if args.quality_budget else None
     pipe = load_checkpoint(args.checkpoint)
+    frames = args.frames
+    if args.seconds is not None:
+        frames = latent_frames_for(pipe, round(args.seconds * pipe.sample_rate))
     for target in targets:
         t0 = time.time()
         path = export_bundle(pipe, target=target, out_root=Path(args.out), precision=args.precision,
                              steps=args.steps, guidance=args.guidance, plan=plan,
                              calib=Path(args.calib) if args.calib else None, quality_budget=budget,
-                             force=args.force, progress=True)
+                             force=args.force, progress=True, frames=frames, litefocus=litefocus)
         manifest = json.loads((path / "manifest.json").read_text())
         print(f"{path}  ({time.time() - t0:.0f} s)")
         for line in export_summary(manifest):
@@ -432,6 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON overriding the budget, e.g. \'{"latent_snr_db_min": 30}\'')
     s.add_argument("--force", action="store_true", help="keep a bundle whose parity check fails")
     s.add_argument("--out", default="bundles", help="directory for the bundles")
+    s.add_argument("--frames", type=int, default=None,
+                   help="latent frames the bundle runs at, the whole latent in one pass (default: the training "
+                        "length; a multiple of the denoiser's downsampling; longer costs memory and time)")
+    s.add_argument("--seconds", type=float, default=None,
+                   help="like --frames, as seconds of audio (rounded up to whole frames)")
+    s.add_argument("--attention", choices=["dense", "litefocus"], default="dense",
+                   help="global self-attention beyond the training length: dense, or LiteFocus (its compensation "
+                        "indices become a denoiser input the device draws per call; executorch and onnx only)")
+    s.add_argument("--compensation", type=float, default=None,
+                   help="LiteFocus r (default 0.1): share of all keys every query also sees")
+    s.add_argument("--focus-band", type=int, default=None,
+                   help="LiteFocus band half-width in bottleneck frames (default: half the training length there)")
+    s.add_argument("--compensation-seed", type=int, default=0,
+                   help="seed of the per-call compensation draw, recorded in the manifest")
     s.set_defaults(func=_export)
 
     s = sub.add_parser("report", help="merge device reports into report.html and a device matrix (md, png)")
@@ -553,7 +582,6 @@ def _filter_native_stderr(prefixes: tuple[bytes, ...]) -> None:
         thread.join(timeout=2)
 
     atexit.register(restore)
-
 
 
 def main(argv: list[str] | None = None) -> int:
