@@ -128,6 +128,43 @@ Manifest load_manifest(const std::string& bundle) {
   for (const auto& [name, c] : m.components)
     if (!m.files.count(c.path)) throw BundleError(src + ": components." + name + ".path " + c.path + " is not listed in 'files'");
 
+  // LiteFocus (manifest 'attention'): the denoiser takes the compensation indices as an input,
+  // drawn per call by the hash runtime_py/compensation.py names; absent or "dense": nothing to draw.
+  if (r.contains("attention")) {
+    const json& att = r.at("attention");
+    const std::string mode = as<std::string>(field(att, "mode", "attention.", src), "attention.mode", src);
+    if (mode == "litefocus") {
+      const json& c = field(att, "compensation", "attention.", src);
+      const std::string at = "attention.compensation.";
+      const std::string hash = as<std::string>(field(c, "hash", at, src), at + "hash", src);
+      if (hash != kCompensationHash)
+        throw BundleError(src + ": field '" + at + "hash' is '" + hash + "'; this adm-run draws '" +
+                          kCompensationHash + "' only (rebuild adm-run from this toolkit or re-export the bundle)");
+      Compensation& comp = m.compensation;
+      comp.enabled = true;
+      comp.input = as<std::string>(field(c, "input", at, src), at + "input", src);
+      comp.keys = as<int64_t>(field(c, "keys", at, src), at + "keys", src);
+      comp.count = as<int64_t>(field(c, "count", at, src), at + "count", src);
+      comp.seed = as<int64_t>(field(c, "seed", at, src), at + "seed", src);
+      if (as<std::string>(field(c, "dtype", at, src), at + "dtype", src) != "int64")
+        throw BundleError(src + ": field '" + at + "dtype' must be int64");
+      if (comp.count < 1 || comp.count > comp.keys)
+        throw BundleError(src + ": field '" + at + "count' = " + std::to_string(comp.count) + " must be in [1, keys=" +
+                          std::to_string(comp.keys) + "]");
+      bool found = false;
+      for (const TensorSpec& spec : m.components.at("denoiser").inputs)
+        if (spec.name == comp.input) {
+          found = spec.dtype == "int64" && spec.shape == std::vector<size_t>{static_cast<size_t>(comp.count)};
+          if (!found) break;
+        }
+      if (!found)
+        throw BundleError(src + ": field '" + at + "input' names '" + comp.input +
+                          "', which is not an int64 [count] input of components.denoiser.inputs");
+    } else if (mode != "dense") {
+      throw BundleError(src + ": field 'attention.mode' is '" + mode + "'; this adm-run runs dense or litefocus bundles");
+    }
+  }
+
   const json& ref = r.at("reference");
   m.reference_inputs = as<std::string>(field(ref, "inputs", "reference.", src), "reference.inputs", src);
   m.reference_outputs = as<std::string>(field(ref, "outputs", "reference.", src), "reference.outputs", src);

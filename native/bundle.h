@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "compensation.h"
 #include "errors.h"
 
 namespace adm {
@@ -48,6 +49,8 @@ struct Manifest {
   std::map<std::string, std::string> files;  // relative path -> sha256
   std::string reference_inputs, reference_outputs;
   nlohmann::json quality_budget;
+  // attention.compensation of a LiteFocus bundle: the denoiser's index input, drawn per call.
+  Compensation compensation;
 };
 
 // Reads and validates bundle/manifest.json (required fields, the three components, a consistent

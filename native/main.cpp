@@ -3,6 +3,7 @@
 //   adm-run verify BUNDLE [--out REPORT.json] [--outputs DIR] [options]
 //   adm-run run BUNDLE --vocals VOCALS.npy --noise NOISE.npy --out-dir DIR [options]
 //   adm-run check BUNDLE
+//   adm-run draw --keys N --count K --seed S --call C
 //
 // Exit status: 0 success / pass, 1 verify ran and the quality budget failed, 2 the bundle or the
 // command line is wrong (the message names the file and the field), 3 ExecuTorch failed.
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <sstream>
 #include <functional>
+#include <limits>
 #include <iostream>
 #include <map>
 #include <string>
@@ -19,6 +21,7 @@
 
 #include "bundle.h"
 #include "canonical.h"
+#include "compensation.h"
 #include "npy.h"
 #include "pipeline.h"
 #include "report.h"
@@ -45,6 +48,9 @@ const char* kUsage = R"(usage:
       the manifest (fields, seal) and the sha256 of every file, nothing loaded
   adm-run digest MANIFEST.json
       print the manifest's seal as computed here (runtime_py.bundle.manifest_digest)
+  adm-run draw --keys N --count K --seed S --call C
+      print, as a JSON list, the LiteFocus compensation indices a LiteFocus bundle's denoiser is fed
+      on call C (runtime_py.compensation.draw_indices; the tests compare the two)
 options:
   --threads N   ExecuTorch thread pool size (default: the runtime's, one per core)
   --runs N      timed runs after warm-up, per component and end to end (0: no timing; default 5)
@@ -335,6 +341,30 @@ int run(const Args& a) {
   return 0;
 }
 
+long long parse_long(const std::string& flag, const std::string& text, long long lowest) {
+  try {
+    size_t used = 0;
+    const long long v = std::stoll(text, &used);
+    if (used == text.size() && v >= lowest) return v;
+  } catch (const std::exception&) {
+  }
+  throw std::invalid_argument(flag + " takes an integer >= " + std::to_string(lowest) + ", got '" + text + "'");
+}
+
+int draw(int argc, char** argv) {
+  std::map<std::string, long long> v = {{"--keys", -1}, {"--count", -1}, {"--seed", 0}, {"--call", -1}};
+  for (int i = 2; i < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (!v.count(flag)) throw std::invalid_argument("draw: unknown option '" + flag + "'");
+    if (i + 1 >= argc) throw std::invalid_argument(flag + " needs a value");
+    v[flag] = parse_long(flag, argv[i + 1], flag == "--seed" ? std::numeric_limits<long long>::min() : 0);
+  }
+  for (const char* flag : {"--keys", "--count", "--call"})
+    if (v[flag] < 0) throw std::invalid_argument(std::string("draw needs ") + flag);
+  std::cout << json(adm::draw_indices(v["--keys"], v["--count"], v["--seed"], v["--call"])).dump() << std::endl;
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -347,6 +377,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
+    if (argc >= 2 && std::string(argv[1]) == "draw") return draw(argc, argv);
     const Args a = parse_args(argc, argv);
     if (a.verb == "verify") return verify(a);
     if (a.verb == "run") return run(a);

@@ -80,8 +80,10 @@ Component::Component(const std::string& name_, const std::string& path_, const C
   for (size_t i = 0; i < input_names.size(); ++i) {
     auto info = meta->input_tensor_meta(i);
     if (!info.ok()) throw RuntimeFailure(path + ": input " + input_names[i] + " is not a tensor");
-    if (info->scalar_type() != ScalarType::Float)
-      throw RuntimeFailure(path + ": input " + input_names[i] + " is not float32; adm-run feeds float32 tensors");
+    if (info->scalar_type() != ScalarType::Float && info->scalar_type() != ScalarType::Long)
+      throw RuntimeFailure(path + ": input " + input_names[i] +
+                           " is neither float32 nor int64; adm-run feeds float32 tensors and int64 indices");
+    input_is_int64.push_back(info->scalar_type() == ScalarType::Long);
     std::vector<size_t> shape(info->sizes().begin(), info->sizes().end());
     input_shapes.push_back(shape);
   }
@@ -115,10 +117,24 @@ Component::Component(const std::string& name_, const std::string& path_, const C
 
 Component::~Component() = default;
 
-Array Component::run(const std::vector<std::pair<std::string, const Array*>>& inputs) {
+Array Component::run(const std::vector<std::pair<std::string, const Array*>>& inputs,
+                     const std::vector<std::pair<std::string, const std::vector<int64_t>*>>& index_inputs) {
   std::vector<executorch::extension::TensorPtr> tensors;
   std::vector<EValue> values;
   for (size_t i = 0; i < input_names.size(); ++i) {
+    if (input_is_int64[i]) {
+      const std::vector<int64_t>* idx = nullptr;
+      for (const auto& [n, v] : index_inputs)
+        if (n == input_names[i]) idx = v;
+      if (idx == nullptr) throw RuntimeFailure(name + ": int64 input '" + input_names[i] + "' not given");
+      if (input_shapes[i].size() != 1 || input_shapes[i][0] != idx->size())
+        throw RuntimeFailure(name + ": input '" + input_names[i] + "' must be " + shape_str(input_shapes[i]) + ", got (" +
+                             std::to_string(idx->size()) + ",)");
+      std::vector<executorch::aten::SizesType> sizes = {static_cast<executorch::aten::SizesType>(idx->size())};
+      tensors.push_back(executorch::extension::from_blob(const_cast<int64_t*>(idx->data()), sizes, ScalarType::Long));
+      values.emplace_back(*tensors.back());
+      continue;
+    }
     const Array* array = nullptr;
     for (const auto& [n, a] : inputs)
       if (n == input_names[i]) array = a;
@@ -173,6 +189,11 @@ Pipeline::Pipeline(const Manifest& m, int threads, bool etdump) : m_(m) {
     const ComponentEntry& entry = m.components.at(name);
     components_.push_back(std::make_unique<Component>(name, join_path(m.bundle, entry.path), entry, etdump));
   }
+  const Component& den = component("denoiser");
+  for (size_t i = 0; i < den.input_names.size(); ++i)
+    if (den.input_is_int64[i] && !(m.compensation.enabled && den.input_names[i] == m.compensation.input))
+      throw BundleError(den.path + ": the denoiser takes int64 input '" + den.input_names[i] +
+                        "', which the manifest's attention.compensation does not describe; re-export the bundle");
 }
 
 Component& Pipeline::component(const std::string& name) {
@@ -183,9 +204,12 @@ Component& Pipeline::component(const std::string& name) {
 
 Array Pipeline::encode(const Array& vocals) { return component("vae_encoder").run({{"audio", &vocals}}); }
 
-Array Pipeline::denoise(const Array& x, const Array& t, const Array& cond) {
+Array Pipeline::denoise(const Array& x, const Array& t, const Array& cond, long call) {
   ++denoiser_calls;
-  return component("denoiser").run({{"x", &x}, {"t", &t}, {"cond", &cond}});
+  if (!m_.compensation.enabled) return component("denoiser").run({{"x", &x}, {"t", &t}, {"cond", &cond}});
+  const Compensation& c = m_.compensation;
+  const std::vector<int64_t> idx = draw_indices(c.keys, c.count, c.seed, call);
+  return component("denoiser").run({{"x", &x}, {"t", &t}, {"cond", &cond}}, {{c.input, &idx}});
 }
 
 Array Pipeline::decode(const Array& latent) { return component("vae_decoder").run({{"latent", &latent}}); }
@@ -203,7 +227,7 @@ Array Pipeline::sample(const Array& cond, const Array& noise) {
     t.data.assign(batch, ti);
     Array v;
     if (s.guidance_folded) {
-      v = denoise(z, t, cond);
+      v = denoise(z, t, cond, i);
       if (v.numel() != n) throw RuntimeFailure("denoiser: returned " + v.shape_str() + " for x " + z.shape_str());
     } else {
       // v = v_u + w (v_c - v_u): both branches in one batch-2 call, (z, z), (t, t), (cond, 0).
@@ -212,7 +236,7 @@ Array Pipeline::sample(const Array& cond, const Array& noise) {
       Array tt;
       tt.shape = {2 * batch};
       tt.data.assign(2 * batch, ti);
-      const Array both = denoise(concat0({z, z}), tt, concat0({cond, null}));
+      const Array both = denoise(concat0({z, z}), tt, concat0({cond, null}), i);
       if (both.numel() != 2 * n)
         throw RuntimeFailure("denoiser: returned " + both.shape_str() + " for the batch-2 call on x " + z.shape_str());
       v.shape = z.shape;

@@ -22,14 +22,17 @@ class Component {
  public:
   Component(const std::string& name, const std::string& path, const ComponentEntry& entry, bool etdump);
   ~Component();
-  // Inputs in any order, by name; returns the one output.
-  Array run(const std::vector<std::pair<std::string, const Array*>>& inputs);
+  // Inputs in any order, by name (float32 arrays, and int64 index vectors such as LiteFocus's
+  // compensation set); returns the one output.
+  Array run(const std::vector<std::pair<std::string, const Array*>>& inputs,
+            const std::vector<std::pair<std::string, const std::vector<int64_t>*>>& index_inputs = {});
   // Writes the profiler's recording (no-op without --etdump); returns false when there was none.
   bool write_etdump(const std::string& path);
 
   const std::string name, path;
   std::vector<std::string> input_names;
   std::vector<std::vector<size_t>> input_shapes;
+  std::vector<bool> input_is_int64;  // else float32
   std::string output_name;
   std::vector<size_t> output_shape;
   double load_ms = 0;
@@ -44,7 +47,9 @@ class Pipeline {
   Pipeline(const Manifest& m, int threads, bool etdump);
 
   Array encode(const Array& vocals);                                         // (1, C, T) -> (1, D, L)
-  Array denoise(const Array& x, const Array& t, const Array& cond);          // batch B
+  // batch B; `call`: the call's index in the generation (the DDIM step), which LiteFocus
+  // compensation draw a LiteFocus bundle's denoiser is fed (runtime_py.verify does the same).
+  Array denoise(const Array& x, const Array& t, const Array& cond, long call = 0);
   Array sample(const Array& cond, const Array& noise);                       // (1, D, L) each
   Array decode(const Array& latent);                                         // (1, D, L) -> (1, C, T)
   // encode -> sample -> decode; returns (latent, audio).
