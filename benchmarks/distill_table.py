@@ -80,7 +80,7 @@ def tiny_teacher(path: Path) -> Path:
 
 def render(pipe: Pipeline, tracks: list, *, steps: int, guidance: float, seeds: list[int]) -> list:
     """outputs[s][j]: accompaniment of held-out track j with noise seed seeds[s]."""
-    return [[generate_accompaniment(pipe, tr.vocals, steps=steps, guidance=guidance, seed=s)
+    return [[generate_accompaniment(pipe, tr.vocals, steps=steps, guidance=guidance, seed=s, mode="segments")
              for tr in tracks] for s in seeds]
 
 

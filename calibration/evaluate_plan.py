@@ -153,10 +153,14 @@ def evaluate_plan(pipeline: Pipeline, plan: dict, calib_dir: Path | None, data_d
     for path in tqdm(tracks, desc="evaluate plan", disable=not show_progress, file=sys.stderr):
         track = load_track(path, sample_rate=sr, channels=pipeline.audio_channels)
         ref_lat, test_lat = [], []
+        # Segments of the training length: the calibration set, the sensitivity table and the
+        # "worst segment" figure are all per training-length segment.
         ref = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed,
-                                     latents=ref_lat)
-        other = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed + 1)
-        test = generate_accompaniment(q, track.vocals, steps=steps, guidance=guidance, seed=seed, latents=test_lat)
+                                     latents=ref_lat, mode="segments")
+        other = generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed + 1,
+                                       mode="segments")
+        test = generate_accompaniment(q, track.vocals, steps=steps, guidance=guidance, seed=seed, latents=test_lat,
+                                      mode="segments")
         dist = metrics.paired_audio_metrics(ref, test, sr)
         spread = metrics.paired_audio_metrics(ref, other, sr)
         seg_snr = [metrics.capped_snr_db(metrics.snr_db(a, b)) for a, b in zip(ref_lat, test_lat)]

@@ -66,13 +66,17 @@ def musical_agreement(
     seed: int = 0,
     max_tracks: int | None = None,
     show_progress: bool = True,
+    mode: str = "segments",
 ) -> dict:
     """Mean chord accuracy / cosine, key, tempo and beat agreement of the accompaniment generated from
-    each labelled track's vocal in ``data_dir``."""
+    each labelled track's vocal in ``data_dir``. ``mode``: how a track longer than the training
+    length is generated (``toolkit.generate.GENERATION_MODES``); ``segments`` keeps the figures
+    published before one-pass generation existed comparable."""
     result = score_tracks(
         pipeline, data_dir,
-        lambda track: generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed),
+        lambda track: generate_accompaniment(pipeline, track.vocals, steps=steps, guidance=guidance, seed=seed,
+                                             mode=mode),
         max_tracks=max_tracks, show_progress=show_progress)
-    return {"tracks": result["tracks"], "steps": steps, "guidance": guidance, "seed": seed,
+    return {"tracks": result["tracks"], "steps": steps, "guidance": guidance, "seed": seed, "mode": mode,
             **{k: result[k] for k in AGREEMENT_FIELDS}, "chance_chord_accuracy": 1 / 24,
             "per_track": result["per_track"]}
