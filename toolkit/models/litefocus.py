@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime_py.compensation import (  # noqa: F401  (re-exported: the numpy draw is the device's)
-    call_key, compensation_count, compensation_indices_np, mix32,
+    call_key,
+    compensation_count,
+    compensation_indices_np,
+    mix32,
 )
 from toolkit.config import register, require
 
