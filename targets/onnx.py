@@ -232,15 +232,44 @@ def apply_rounding(model, plan, quantized) -> dict[str, str]:
                 raise ValueError(f"{NAME}: {layer}: a per-group rounding on a per-channel DequantizeLinear")
             if list(scale.shape) != s_dims:
                 raise RuntimeError(f"{NAME}: {layer}: rounding scales {list(scale.shape)} do not fit {s_dims}")
+            old_scale = numpy_helper.to_array(s_init).astype(np.float64)
             q_init.CopyFrom(numpy_helper.from_array(
                 q.astype(np.int8 if width == "int8" else ml_dtypes.int4), q_init.name))
             s_init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(scale, np.float32), s_init.name))
+            rescale_int32_bias(node, producers, inits, old_scale, scale)
             applied[layer] = width
     missing = [n for n in rounding if n in quantized.applied
                and quantized.applied[n][0].weights in ("int8", "int4") and n not in applied]
     if missing:
         raise RuntimeError(f"{NAME}: rounded layers {missing[:5]} were not found in the quantized graph")
     return applied
+
+
+def rescale_int32_bias(node, producers, inits, old_weight_scale, new_weight_scale) -> None:
+    """An INT32 bias (ONNX Runtime's integer-kernel node unit) is quantized at input scale x weight
+    scale, and the fused kernel reads its integers with the scales of x and w; when the weight
+    scales change (a GPTQ rounding), its integers and scale follow, in place. The bias value is
+    kept to within half a step of the old scale (one accumulator unit)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    if len(node.input) < 3 or not node.input[2]:
+        return
+    dq = producers.get(node.input[2])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        return
+    b_init, b_scale_init = inits[dq.input[0]], inits[dq.input[1]]
+    if b_init.data_type != TensorProto.INT32:
+        return
+    b_scale = numpy_helper.to_array(b_scale_init).astype(np.float64)
+    ratio = np.asarray(new_weight_scale, np.float64).reshape(-1) / old_weight_scale.reshape(-1)
+    if ratio.size != b_scale.size and ratio.size != 1:
+        raise RuntimeError(f"{NAME}: {node.name}: {ratio.size} weight scales for a bias of {b_scale.size}")
+    bias = numpy_helper.to_array(b_init).astype(np.float64) * b_scale
+    new_scale = b_scale * ratio
+    ints = np.clip(np.rint(bias / new_scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+    b_init.CopyFrom(numpy_helper.from_array(ints.astype(np.int32), b_init.name))
+    b_scale_init.CopyFrom(numpy_helper.from_array(new_scale.astype(np.float32), b_scale_init.name))
 
 
 # --- GPTQ rounding: end -------------------------------------------------------------------------
@@ -263,12 +292,17 @@ def export(spec, *, precision: str, plan: dict | None, calib: Path | None,
 
         planned = qdq.planned_nodes(model, plan)  # before anything drops the name scopes
         quantized = qdq.quantize_plan(model, spec, plan=plan, calib=calib, planned=planned,
-                                        weight_only_int8=True, symmetric_activations=False)
+                                        weight_only_int8=True, symmetric_activations=False,
+                                        integer_kernels=True)
         model = quantized.model
         opset = qdq.opset_of(model)
         rounded = apply_rounding(model, plan, quantized)  # GPTQ plans: the plan's integers
         quantized.details["rounding"] = ({"method": "gptq", "layers": rounded} if rounded
                                          else {"method": "rtn"})
+        from targets.onnx_kernels import kernel_report
+
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(spec.input_names, spec.example_inputs)}
+        quantized.details["ort_kernels"] = kernel_report(model, quantized, feeds=feeds)
 
     name = f"{spec.name}{FILE_SUFFIX}"
     external: list[bool] = []

@@ -75,6 +75,8 @@ from targets.qdq_intents import (  # noqa: F401
     tracked_outputs,
 )
 from targets.qdq_passes import (  # noqa: F401
+    MIN_OUTPUT_QDQ_SQNR_DB,
+    OUTPUT_SELECTION_FEEDS,
     _copy_model,
     gemm_as_matmul,
     nodes_by_output,
@@ -143,11 +145,14 @@ def quantize_int8_weights(model, *, targets: list[str]) -> None:
 
 
 def quantize_plan(model, spec, *, plan: dict, calib, planned: dict[str, list],
-                  weight_only_int8: bool = False, symmetric_activations: bool = True) -> QuantizedGraph:
+                  weight_only_int8: bool = False, symmetric_activations: bool = True,
+                  integer_kernels: bool = False) -> QuantizedGraph:
     """Quantize ``model`` as ``plan`` asks, as far as ORT/TensorRT lower it (module table).
 
     ``planned`` comes from :func:`planned_nodes` on the graph as exported; ``model`` may have been
-    rewritten since, as long as the planned nodes kept their names.
+    rewritten since, as long as the planned nodes kept their names. ``integer_kernels``: the W8A8
+    layers get the complete node unit ONNX Runtime fuses into integer kernels (INT32 bias, Q/DQ
+    on the output too; :func:`targets.qdq_passes.quantize_w8a8`).
     """
     quantization_modules()
     tracked = tracked_outputs(model, planned)
@@ -162,18 +167,20 @@ def quantize_plan(model, spec, *, plan: dict, calib, planned: dict[str, list],
 
     opset_before = opset_of(model)
     w8a8 = [o for o, layer in tracked.items() if intents[layer].kind == "w8a8"]
+    output_record: dict = {}
     int4 = {o: intents[layer].block_size for o, layer in tracked.items() if intents[layer].kind == "w4"}
     if w8a8:
         model = quantize_w8a8(model, targets=w8a8, input_names=spec.input_names,
                               examples=spec.example_inputs, calib=calib,
-                              symmetric_activations=symmetric_activations)
+                              symmetric_activations=symmetric_activations,
+                              integer_kernels=integer_kernels, output_record=output_record)
     if int4:
         model = quantize_int4(model, targets=int4)
     w8 = [o for o, layer in tracked.items() if intents[layer].kind == "w8"]
     if w8:
         quantize_int8_weights(model, targets=w8)
 
-    stray = stray_dequantize_readers(model, tracked)
+    stray = stray_dequantize_readers(model, tracked, outputs_quantized=integer_kernels)
     if stray:
         raise RuntimeError(f"{spec.name}: nodes outside the plan's layers read quantized values: "
                            f"{stray[:5]}")
@@ -200,6 +207,9 @@ def quantize_plan(model, spec, *, plan: dict, calib, planned: dict[str, list],
                          "activations": ("int8 symmetric" if symmetric_activations else
                                          "uint8 asymmetric") + " per tensor"} if w8a8 else None),
         "weights_int8": "symmetric per output channel" if w8a8 else None,
+        "node_unit": (("DQ(x), DQ(w), DQ(b int32) -> op -> Q/DQ(y) where ORT has an integer kernel"
+                       if integer_kernels else "DQ(x), DQ(w) -> op (bias and output float)")
+                      if w8a8 else None),
         "weights_int4": ({"symmetric": True, "values": [-7, 7], "scale": "amax / 7 per block",
                           "block_axis": "K", "block_sizes": sorted(set(int4.values()))}
                          if int4 else None),
@@ -212,6 +222,9 @@ def quantize_plan(model, spec, *, plan: dict, calib, planned: dict[str, list],
         "layers_int8_activations": sum(1 for p, _ in applied.values() if p.activations == "int8"),
         "layers_float": kinds.get((FLOAT, FLOAT), 0),
         "nodes": layer_detail,
+        "output_selection": ({"min_sqnr_db": MIN_OUTPUT_QDQ_SQNR_DB, "feeds": OUTPUT_SELECTION_FEEDS,
+                              "against": "the same graph with Q/DQ on the layers' inputs only",
+                              "nodes": output_record} if integer_kernels and w8a8 else None),
     }
     return QuantizedGraph(model=model, applied=applied, details=details)
 

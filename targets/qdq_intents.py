@@ -21,6 +21,17 @@ FLOAT = "fp32"  # what the float layers of a quantized graph run in (export prec
 # quantizes every Conv/Gemm output, the network's own output included.
 QUANT_EXTRA_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                        "DedicatedQDQPair": True, "OpTypesToExcludeOutputQuantization": WEIGHTED_OPS}
+# ONNX Runtime's integer kernels (``integer_kernels=True``): its CPU provider fuses a QDQ node unit
+# DQ(x), DQ(w)[, DQ(b)] -> op -> Q into QLinearConv / QLinearMatMul / QGemm only when every input
+# of the op is a DequantizeLinear (a bias too: INT32), the op's one output feeds Q nodes only, one
+# Q per output, and it is not a graph output (onnxruntime qdq_selectors.cc, ConvNodeGroupSelector,
+# GemmNodeGroupSelector, CheckQDQNodes). So: biases quantized (INT32, scale = input scale x weight
+# scale), one shared Q per tensor (DedicatedQDQPair off; ORT duplicates the DQs per consumer at
+# load), and a Q/DQ on the op's output, calibrated like its input (MinMax over the same set).
+# ConvTranspose has no QDQ selector in the CPU provider: its output is left float.
+NO_CPU_INTEGER_KERNEL = ("ConvTranspose",)
+INTEGER_KERNEL_EXTRA_OPTIONS = {**QUANT_EXTRA_OPTIONS, "QuantizeBias": True, "DedicatedQDQPair": False,
+                                "OpTypesToExcludeOutputQuantization": NO_CPU_INTEGER_KERNEL}
 
 REASON_W8_WEIGHT_ONLY = ("W8A16: no INT8 weight-only kernel in ONNX Runtime (CPU QDQ) or TensorRT "
                          "(int8 conv/GEMM needs Q/DQ on both inputs; TensorRT documents weight-only "

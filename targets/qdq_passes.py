@@ -9,6 +9,8 @@ from pathlib import Path
 from targets.qdq_intents import (
     CALIBRATION_METHOD,
     INT4_OPSET,
+    INTEGER_KERNEL_EXTRA_OPTIONS,
+    NO_CPU_INTEGER_KERNEL,
     QUANT_EXTRA_OPTIONS,
     WEIGHTED_OPS,
     initializers_of,
@@ -16,6 +18,16 @@ from targets.qdq_intents import (
     node_attr,
     quantization_modules,
 )
+
+# Integer kernels (quantize_w8a8(integer_kernels=True)): an output Q/DQ is kept only while the
+# component's output, on OUTPUT_SELECTION_FEEDS calibration inputs spread over the set, stays at or above this
+# SQNR against the same graph with Q/DQ on the inputs only (the numerics the plan was searched for).
+# Measured on the demo's w8a8 plan (runs/demo/plan.json, 13 W8A8 layers, ONNX host check): inputs
+# only, 34.1 dB worst latent SNR, loudness 0.07 of the seed spread (pass); every output quantized,
+# 21.2 dB and 0.38 (fail); outputs kept down to 41.5 dB per call (11 of 13), 21.0 dB and 0.40
+# (fail): the per-call error compounds over the sampler's steps. Hence a strict limit.
+MIN_OUTPUT_QDQ_SQNR_DB = 60.0
+OUTPUT_SELECTION_FEEDS = 8
 
 # ---------------------------------------------------------------------------------------------
 # Graph passes
@@ -122,7 +134,8 @@ def _names_of(model, outputs) -> list[str]:
     return [by_output[o].name for o in outputs]
 
 
-def quantize_w8a8(model, *, targets: list[str], input_names, examples, calib, symmetric_activations: bool = True):
+def quantize_w8a8(model, *, targets: list[str], input_names, examples, calib, symmetric_activations: bool = True,
+                  integer_kernels: bool = False, output_record: dict | None = None):
     """``quantize_static`` (QDQ, see the module doc) of the nodes producing ``targets``; every
     other Conv/ConvTranspose/Gemm/MatMul node is excluded. Returns a new model.
 
@@ -130,7 +143,18 @@ def quantize_w8a8(model, *, targets: list[str], input_names, examples, calib, sy
     (ONNX Runtime), activations are asymmetric uint8 with a calibrated zero point (ORT's U8S8 CPU
     form), which keeps a full bit for one-sided inputs (after SiLU, Snake): on the demo's w8a8
     plan, symmetric activations gave 17.4 dB worst latent SNR where the asymmetric form gives more
-    (see BENCHMARKS.md)."""
+    (see BENCHMARKS.md).
+
+    ``integer_kernels`` (ONNX Runtime): the complete QDQ node unit that ORT's CPU provider fuses
+    into integer kernels (``INTEGER_KERNEL_EXTRA_OPTIONS``): INT32 biases and a Q/DQ on the output
+    of every planned op that has a CPU integer kernel, its scale from the same MinMax calibration
+    over ``calib`` as the inputs'. The readers of that output (GroupNorm, residual Add) then read
+    its 8-bit value: the fused op writes only that, and the plan's sensitivity (inputs only) did
+    not price it. So outputs are quantized by measurement (:func:`select_quantized_outputs`):
+    cheapest first, while the component's output on the calibration inputs stays within
+    ``MIN_OUTPUT_QDQ_SQNR_DB`` of the inputs-only graph; ``output_record`` (filled in place) gets
+    per node its output precision and that cost. A planned op whose output is a graph output
+    keeps it float (ORT does not fuse it, and the network's output stays full precision)."""
     onnx, q = quantization_modules()
     names = set(_names_of(model, targets))
     exclude = [n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name not in names]
@@ -151,15 +175,118 @@ def quantize_w8a8(model, *, targets: list[str], input_names, examples, calib, sy
             nodes_to_exclude=exclude,
             calibrate_method=getattr(q.CalibrationMethod, CALIBRATION_METHOD),
             extra_options={k: (list(v) if isinstance(v, tuple) else v)
-                           for k, v in {**QUANT_EXTRA_OPTIONS,
+                           for k, v in {**(INTEGER_KERNEL_EXTRA_OPTIONS if integer_kernels
+                                           else QUANT_EXTRA_OPTIONS),
                                         "ActivationSymmetric": symmetric_activations}.items()},
         )
         quantized = onnx.load(str(out))
-    float_consumers_read_float(quantized, keep=names)
+    outputs_quantized = set()
+    if integer_kernels:
+        float_graph_outputs(quantized, names)
+        calib = list(calib)
+        spread = sorted({round(i * (len(calib) - 1) / max(OUTPUT_SELECTION_FEEDS - 1, 1))
+                         for i in range(min(OUTPUT_SELECTION_FEEDS, len(calib)))})
+        feeds = _CalibrationReader(list(input_names), examples, [calib[i] for i in spread])._feeds
+        outputs_quantized, record = select_quantized_outputs(quantized, names, list(feeds))
+        if output_record is not None:
+            output_record.update(record)
+    float_consumers_read_float(quantized, keep=names, quantized_outputs=outputs_quantized)
     return quantized
 
 
-def float_consumers_read_float(model, *, keep: set[str]) -> int:
+def _output_qdq_candidates(model, names: set[str]) -> set[str]:
+    """Planned nodes with a CPU integer kernel whose one output feeds QuantizeLinear nodes only."""
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    return {n.name for n in model.graph.node
+            if n.name in names and n.op_type not in NO_CPU_INTEGER_KERNEL
+            and n.output[0] not in graph_outputs and readers.get(n.output[0])
+            and all(r.op_type == "QuantizeLinear" for r in readers[n.output[0]])}
+
+
+def _run_graph(model, feeds) -> list:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as runtime_py
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [np.concatenate([np.asarray(o, np.float64).ravel() for o in session.run(None, feed)])
+            for feed in feeds]
+
+
+def _sqnr_db(reference: list, test: list) -> float:
+    import numpy as np
+
+    signal = sum(float(np.sum(r ** 2)) for r in reference)
+    noise = sum(float(np.sum((r - t) ** 2)) for r, t in zip(reference, test))
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+
+
+def select_quantized_outputs(model, names: set[str], feeds: list) -> tuple[set[str], dict]:
+    """Which planned nodes' outputs keep their Q/DQ (so ORT fuses them into an integer kernel),
+    measured on ``feeds`` against the same graph with every such output read in float.
+
+    Each candidate's cost alone is measured; then outputs are added cheapest first while the joint
+    graph stays at or above ``MIN_OUTPUT_QDQ_SQNR_DB`` against the inputs-only graph. Returns
+    (chosen node names, {node: {"output": "int8" | "fp32", "alone_sqnr_db", "why"}})."""
+    candidates = _output_qdq_candidates(model, names)
+    if not candidates:
+        return set(), {}
+
+    def graph_with(outputs: set[str]):
+        copy = _copy_model(model)
+        float_consumers_read_float(copy, keep=names, quantized_outputs=outputs)
+        return copy
+
+    reference = _run_graph(graph_with(set()), feeds)
+    alone = {n: _sqnr_db(reference, _run_graph(graph_with({n}), feeds)) for n in sorted(candidates)}
+    chosen: set[str] = set()
+    record = {}
+    for node in sorted(alone, key=lambda n: (-alone[n], n)):
+        joint = _sqnr_db(reference, _run_graph(graph_with(chosen | {node}), feeds))
+        entry = {"alone_sqnr_db": round(alone[node], 2)}
+        if joint >= MIN_OUTPUT_QDQ_SQNR_DB:
+            chosen.add(node)
+            record[node] = {"output": "int8", **entry, "joint_sqnr_db": round(joint, 2)}
+        else:
+            record[node] = {"output": "fp32", **entry, "why": (
+                f"quantizing its output would take the component to {joint:.1f} dB SQNR against the "
+                f"inputs-only graph on the calibration inputs (limit {MIN_OUTPUT_QDQ_SQNR_DB} dB); "
+                "kept float, so ORT runs it as DequantizeLinear + fp32")}
+    return chosen, record
+
+
+def float_graph_outputs(model, nodes: set[str]) -> None:
+    """In place: a graph output that ``quantize_static`` routed through Q/DQ after one of ``nodes``
+    (it renames the node's output) is produced in float again by that node (ORT fuses no op whose output is a graph output, so
+    the Q/DQ would only cost precision at the network's output)."""
+    graph = model.graph
+    producers = nodes_by_output(model)
+    for output in graph.output:
+        dq = producers.get(output.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in producers:
+            continue
+        node = producers[q.input[0]]
+        if node.name not in nodes:
+            continue
+        float_name = q.input[0]
+        others = [n for n in graph.node if n is not q and float_name in n.input]
+        if others:
+            raise RuntimeError(f"{node.name}: its graph output {output.name!r} also feeds "
+                               f"{[n.name for n in others][:3]}; cannot keep it float")
+        graph.node.remove(dq)
+        graph.node.remove(q)
+        node.output[list(node.output).index(float_name)] = output.name
+
+
+def float_consumers_read_float(model, *, keep: set[str], quantized_outputs: set[str] = frozenset()) -> int:
     """Rewire every node outside ``keep`` that reads a quantize-dequantized activation back to the
     float tensor, in place, and drop the Q/DQ pairs nobody reads any more. Returns how many inputs
     were rewired.
@@ -168,6 +295,8 @@ def float_consumers_read_float(model, *, keep: set[str]) -> int:
     pair, float ones (GroupNorm, residual Add) included. The plan quantizes a layer's *input*, so
     the other readers of that tensor stay float (as ``calibration.fakequant`` simulates it).
     Measured on the tiny denoiser: the int8 GroupNorm input alone cost ~3 dB output SQNR.
+    The output of a node in ``quantized_outputs`` is the exception: it is quantized for all its
+    readers (an integer kernel writes only the 8-bit value).
     """
     graph = model.graph
     constants = {init.name for init in graph.initializer}
@@ -182,6 +311,9 @@ def float_consumers_read_float(model, *, keep: set[str]) -> int:
                 continue
             q = producers.get(dq.input[0])
             if q is None or q.op_type != "QuantizeLinear" or q.input[0] in constants:
+                continue
+            source = producers.get(q.input[0])
+            if source is not None and source.name in quantized_outputs:
                 continue
             node.input[index] = q.input[0]
             rewired += 1

@@ -60,6 +60,17 @@ def _activation_state(node, initializers, producers) -> str:
     return FLOAT
 
 
+def _output_state(node, model, initializers) -> str:
+    """How a weighted node's output leaves it: quantized ('int8' for INT8/UINT8) when its readers
+    are all QuantizeLinear nodes, else fp32."""
+    readers = [n for n in model.graph.node if node.output[0] in n.input]
+    if not readers or any(n.op_type != "QuantizeLinear" for n in readers):
+        return FLOAT
+    types = {_INT_TYPES.get(_tensor_type_name(initializers[n.input[2]].data_type), "unknown")
+             if len(n.input) > 2 and n.input[2] in initializers else "unknown" for n in readers}
+    return types.pop() if len(types) == 1 else "mixed"
+
+
 def applied_precisions(model, plan: dict, tracked: dict[str, str]):
     """Per planned layer, the LayerPrecision the graph actually has (read from its Q/DQ nodes),
     plus per-layer detail. ``tracked``: output tensor → layer, as after the last rewrite."""
@@ -75,7 +86,8 @@ def applied_precisions(model, plan: dict, tracked: dict[str, str]):
         node = producers[output]
         weights, granularity, detail = _weight_state(node, initializers, producers)
         states[layer].append((weights, _activation_state(node, initializers, producers),
-                              granularity, {"node": node.name, "op": node.op_type, **detail}))
+                              granularity, {"node": node.name, "op": node.op_type, **detail,
+                                            "output": _output_state(node, model, initializers)}))
     applied, details = {}, {}
     for name, rows in states.items():
         kinds = {(w, a) for w, a, _, _ in rows}
@@ -91,16 +103,28 @@ def applied_precisions(model, plan: dict, tracked: dict[str, str]):
     return applied, details
 
 
-def stray_dequantize_readers(model, tracked: dict[str, str]) -> list[str]:
+def output_quantized(dq, producers, planned: set[str]) -> bool:
+    """Whether DequantizeLinear ``dq`` reads back the quantized output of a planned node."""
+    q = producers.get(dq.input[0])
+    source = producers.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+    return source is not None and source.name in planned
+
+
+def stray_dequantize_readers(model, tracked: dict[str, str], *, outputs_quantized: bool = False) -> list[str]:
     """Nodes other than the planned layers' own that read a DequantizeLinear output: quantization
-    the plan did not ask for (should be none)."""
+    the plan did not ask for (should be none). With ``outputs_quantized`` (ONNX Runtime's integer
+    kernels), readers of a planned node's quantized output are expected."""
     producers = nodes_by_output(model)
     planned = {producers[o].name for o in tracked if o in producers}
     out = []
     for node in model.graph.node:
         if node.name in planned or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-               for i in node.input):
-            out.append(f"{node.name} ({node.op_type})")
+        for i in node.input:
+            dq = producers.get(i)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            if not (outputs_quantized and output_quantized(dq, producers, planned)):
+                out.append(f"{node.name} ({node.op_type})")
+                break
     return out
