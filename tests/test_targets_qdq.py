@@ -131,8 +131,14 @@ def test_w8a8_report_is_honoured_and_matches_the_graph(target, component, w8a8, 
     # weight DQ per layer; counted from the saved graph, not from the details.
     counts = {op: sum(n.op_type == op for n in model.graph.node)
               for op in ("QuantizeLinear", "DequantizeLinear")}
-    assert counts["QuantizeLinear"] == q["quantize_linear"] == len(leaves)
-    assert counts["DequantizeLinear"] == q["dequantize_linear"] == 2 * len(leaves)
+    assert counts["QuantizeLinear"] == q["quantize_linear"]
+    assert counts["DequantizeLinear"] == q["dequantize_linear"]
+    if target == "tensorrt":
+        assert counts["QuantizeLinear"] == len(leaves)
+        assert counts["DequantizeLinear"] == 2 * len(leaves)
+    else:  # ORT's integer-kernel node unit: one Q per quantized tensor, INT32 bias DQs
+        int32 = sum(i.data_type == onnx.TensorProto.INT32 for i in model.graph.initializer)
+        assert int32 > 0 and counts["QuantizeLinear"] <= len(leaves)
     initializers = {i.name: i for i in model.graph.initializer}
     for fqn, rows in q["nodes"].items():
         for row in rows:
@@ -141,8 +147,10 @@ def test_w8a8_report_is_honoured_and_matches_the_graph(target, component, w8a8, 
             assert initializers[weight.input[0]].data_type == onnx.TensorProto.INT8
             assert row["axis"] == (1 if row["op"] == "ConvTranspose" else 0)
     problems = qdq_problems(model)
-    if target == "onnx":  # not TensorRT's form: asymmetric activations, opset-21 GroupNormalization
-        assert all(any(k in p for k in ("GroupNormalization is not parsed", "nonzero zero point", "UINT8"))
+    if target == "onnx":  # not TensorRT's form: asymmetric activations, opset-21 GroupNormalization,
+        # INT32 biases (ORT's integer-kernel node unit)
+        assert all(any(k in p for k in ("GroupNormalization is not parsed", "nonzero zero point", "UINT8",
+                                        "INT32"))
                    for p in problems)
         assert any("nonzero zero point" in p for p in problems)  # the checker sees the difference
     else:
@@ -397,3 +405,57 @@ def test_build_script_builds_qdq_graphs_strongly_typed(w8a8, tmp_path):
     assert "STRONGLY_TYPED" in source and "BuilderFlag.INT8" in source
     with pytest.raises(ValueError, match="fp16 does not apply"):
         build_engine(tmp_path / art.path, tmp_path / "x.plan", fp16=True, qdq=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime integer kernels: the optimised session graph, read back
+# ---------------------------------------------------------------------------------------------
+
+
+def optimised_ops(path, level: str) -> dict[str, int]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(path.with_suffix(f".{level}.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(options.optimized_model_filepath)
+    return {n.name: n.op_type for n in optimised.graph.node}
+
+
+def test_w8a8_onnx_runs_integer_kernels_where_the_report_says(w8a8, specs):
+    """The optimised ORT session graph (ORT_ENABLE_EXTENDED) holds the integer ops the lowering
+    report claims, node by node; every planned node left float has a reason; BASIC fuses nothing."""
+    art, directory = w8a8["onnx", "denoiser"]
+    report = art.details["quantization"]["ort_kernels"]
+    after = optimised_ops(directory / art.path, "ORT_ENABLE_EXTENDED")
+    rows = [row for rows in report["layers"].values() for row in rows]
+    integer = [row for row in rows if row["runs_as"] in ("QLinearConv", "QGemm", "QLinearMatMul")]
+    assert len(integer) == report["integer_nodes"] > 0
+    assert sum(report["after"]["integer"].values()) >= len(integer)
+    for row in rows:
+        assert after.get(row["node"], "fused away") == row["runs_as"], row
+        assert (row["runs_as"] in ("QLinearConv", "QGemm", "QLinearMatMul")) != ("why" in row), row
+    # A QLinearConv's output kept its Q/DQ by measurement (QGemm may write float).
+    selection = art.details["quantization"]["output_selection"]
+    for row in integer:
+        if row["runs_as"] == "QLinearConv":
+            assert selection["nodes"][row["node"]]["output"] == "int8"
+            assert selection["nodes"][row["node"]]["joint_sqnr_db"] >= selection["min_sqnr_db"]
+    conv_out = next(r for r in report["layers"]["conv_out"])
+    assert conv_out["runs_as"] == "Conv" and "graph's output" in conv_out["why"]
+    basic = optimised_ops(directory / art.path, "ORT_ENABLE_BASIC")
+    assert not {"QLinearConv", "QGemm", "QLinearMatMul"} & set(basic.values())
+    # The fused kernels compute what the unfused graph computes (same integers, same scales).
+    assert report["fused_vs_unfused_sqnr_db"] is None or report["fused_vs_unfused_sqnr_db"] > 40.0
+
+
+def test_w8a8_tensorrt_form_keeps_float_outputs_and_biases(w8a8):
+    """The integer-kernel node unit is ONNX Runtime's only: TensorRT's graph keeps Q/DQ on the
+    layers' inputs, float biases and float outputs, and passes its checker."""
+    art, directory = w8a8["tensorrt", "denoiser"]
+    model = onnx.load(directory / art.path)
+    initializers = {i.name: i for i in model.graph.initializer}
+    assert not any(i.data_type == onnx.TensorProto.INT32 for i in initializers.values())
+    assert art.details["quantization"]["output_selection"] is None
+    assert qdq_problems(model) == []
