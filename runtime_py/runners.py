@@ -123,17 +123,24 @@ _ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype
 class OnnxRunner(Runner):
     """onnxruntime on the CPU execution provider.
 
-    Graph optimisation is ORT_ENABLE_BASIC: NOTES.md records opset-21 QDQ graphs failing under
-    ORT_ENABLE_EXTENDED here, and BASIC keeps fp32 parity with PyTorch within float rounding.
+    Graph optimisation is ``optimization`` (an ``ort.GraphOptimizationLevel`` name), by default
+    ORT_ENABLE_BASIC, which keeps fp32 parity with PyTorch within float rounding. A quantized graph
+    whose export found ORT's integer kernels (the component's ``details.quantization.ort_kernels``,
+    targets/onnx_kernels.py) is run at the level that fuses them (``DevicePipeline`` passes it):
+    at BASIC the same QDQ graph runs as DequantizeLinear + float32 kernels.
     """
 
     target = "onnx"
 
-    def __init__(self, path: Path, *, threads: int | None = None):
+    def __init__(self, path: Path, *, threads: int | None = None, optimization: str = "ORT_ENABLE_BASIC"):
         import onnxruntime as ort
 
+        level = getattr(ort.GraphOptimizationLevel, optimization, None)
+        if level is None:
+            raise ValueError(f"{path}: unknown ONNX Runtime graph optimisation level {optimization!r}")
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = level
+        self.optimization = optimization
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
@@ -487,8 +494,9 @@ def version_check(target: str, version_at_export: str | None, *, here: str | Non
             "note": "runtime version differs from the one the bundle was exported and checked with"}
 
 
-def load_runner(target: str, path: Path, *, threads: int | None = None) -> Runner:
-    """A runner for the exported file ``path``; RuntimeUnavailable when this host cannot run it."""
+def load_runner(target: str, path: Path, *, threads: int | None = None, **options) -> Runner:
+    """A runner for the exported file ``path``; RuntimeUnavailable when this host cannot run it.
+    ``options``: runner-specific settings (ONNX Runtime: ``optimization``)."""
     entry = get_runtime(target)
     reason = entry.unavailable()
     if reason is not None:
@@ -496,4 +504,4 @@ def load_runner(target: str, path: Path, *, threads: int | None = None) -> Runne
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such {target} file")
-    return entry.runner(path, threads=threads)
+    return entry.runner(path, threads=threads, **options)

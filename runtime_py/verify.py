@@ -72,6 +72,15 @@ def device_info(target: str, threads: int | None) -> dict:
             "runtime": {target: runtime_version(target)}}
 
 
+def runner_options(component: dict) -> dict:
+    """Runner settings a component's manifest entry asks for: an ONNX graph in which the export
+    found ORT's integer kernels runs at the optimisation level that fuses them."""
+    kernels = ((component.get("details") or {}).get("quantization") or {}).get("ort_kernels") or {}
+    if kernels.get("integer_nodes"):
+        return {"optimization": kernels["level"]}
+    return {}
+
+
 class DevicePipeline:
     """The three runners plus the sampler, as a device runs them.
 
@@ -85,7 +94,8 @@ class DevicePipeline:
 
         self.manifest = manifest
         target = manifest["target"]
-        self.runners = {name: load_runner(target, Path(bundle) / comp["path"], threads=threads)
+        self.runners = {name: load_runner(target, Path(bundle) / comp["path"], threads=threads,
+                                          **runner_options(comp))
                         for name, comp in manifest["components"].items()}
         s = manifest["sampler"]
         self.table = {"t": s["t"], "alpha": s["alpha"], "sigma": s["sigma"]}

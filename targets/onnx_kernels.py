@@ -3,8 +3,9 @@ session's optimised graph (``SessionOptions.optimized_model_filepath``), never a
 
 At ORT_ENABLE_EXTENDED the CPU provider fuses a complete QDQ node unit (DQ on every input, Q on
 the one output; ``targets.qdq_intents.INTEGER_KERNEL_EXTRA_OPTIONS``) into QLinearConv,
-QLinearMatMul, QGemm or MatMulIntegerToFloat; at ORT_ENABLE_BASIC (what ``runtime_py``'s runner
-uses) nothing is fused and the same graph runs as DequantizeLinear + float32 kernels. The report
+QLinearMatMul, QGemm or MatMulIntegerToFloat; at ORT_ENABLE_BASIC nothing is fused and the same
+graph runs as DequantizeLinear + float32 kernels. ``runtime_py`` runs a graph whose report counts
+integer nodes at the fusing level (``runtime_py.verify.runner_options``). The report
 counts both, names per planned layer the op it became, and says why a weighted op stays float.
 """
 
@@ -102,9 +103,8 @@ def kernel_report(model, quantized, *, feeds: dict | None = None) -> dict:
         "integer_nodes": sum(1 for rows in layers.values() for e in rows if e["runs_as"] in INTEGER_OPS),
         "why_float": dict(why.most_common()),
         "layers": layers,
-        "runtime_py": ("runtime_py's runner uses ORT_ENABLE_BASIC: it runs this graph unfused "
-                       "(DequantizeLinear + float32 kernels); the integer kernels run at "
-                       f"{FUSING_LEVEL} or ORT_ENABLE_ALL"),
+        "runtime_py": (f"runtime_py runs this graph at {FUSING_LEVEL} when integer_nodes > 0 (the integer "
+                       "kernels), else at ORT_ENABLE_BASIC (DequantizeLinear + float32 kernels)"),
     }
     if feeds is not None:
         import onnxruntime as ort

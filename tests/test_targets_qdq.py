@@ -450,6 +450,28 @@ def test_w8a8_onnx_runs_integer_kernels_where_the_report_says(w8a8, specs):
     assert report["fused_vs_unfused_sqnr_db"] is None or report["fused_vs_unfused_sqnr_db"] > 40.0
 
 
+def test_runtime_py_runs_the_integer_kernels_the_export_found(w8a8):
+    """The device side takes the export's word: a component whose report counts integer nodes is
+    loaded at the fusing level, and runs there close to the unfused graph; a float one stays BASIC."""
+    from runtime_py.runners import load_runner
+    from runtime_py.verify import runner_options
+
+    art, directory = w8a8["onnx", "denoiser"]
+    component = {"details": art.details}
+    assert runner_options(component) == {"optimization": "ORT_ENABLE_EXTENDED"}
+    assert runner_options({"details": {"quantization": None}}) == {}
+    fused = load_runner("onnx", directory / art.path, threads=1, **runner_options(component))
+    plain = load_runner("onnx", directory / art.path, threads=1)
+    assert (fused.optimization, plain.optimization) == ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC")
+    rng = np.random.default_rng(0)
+    feed = {name: (rng.random(shape) if name == "t" else rng.standard_normal(shape)).astype(dtype)
+            for name, (shape, dtype) in plain.input_specs.items()}
+    (a,), (b,) = fused.run(feed).values(), plain.run(feed).values()
+    assert 10 * np.log10(np.sum(b**2) / np.sum((a - b) ** 2)) > 40.0
+    with pytest.raises(ValueError, match="optimisation level"):
+        load_runner("onnx", directory / art.path, optimization="FAST")
+
+
 def test_w8a8_tensorrt_form_keeps_float_outputs_and_biases(w8a8):
     """The integer-kernel node unit is ONNX Runtime's only: TensorRT's graph keeps Q/DQ on the
     layers' inputs, float biases and float outputs, and passes its checker."""
