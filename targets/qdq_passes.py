@@ -226,16 +226,78 @@ def _sqnr_db(reference: list, test: list) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
 
 
+def _output_quantizers(model, nodes: set[str]) -> dict[str, tuple]:
+    """Per node of ``nodes``: (output tensor, scale, zero point, qmin, qmax) of the QuantizeLinear
+    that reads its output."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {n.output[0]: n for n in model.graph.node if n.name in nodes}
+    out = {}
+    for q in model.graph.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] not in producers:
+            continue
+        node = producers[q.input[0]]
+        if node.name in out:
+            continue
+        scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float64)
+        zero = (numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 and q.input[2] in inits
+                else np.zeros((), np.int8))
+        info = np.iinfo(zero.dtype)
+        out[node.name] = (q.input[0], scale, zero.astype(np.float64), info.min, info.max)
+    return out
+
+
+def _local_sqnr_db(model, quantizers: dict[str, tuple], feeds: list) -> dict[str, float]:
+    """Each candidate output's own quantization SQNR (its tensor against its Q/DQ round trip) on
+    ``feeds``, from one session that exposes every candidate's output."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    copy = _copy_model(model)
+    known = {o.name for o in copy.graph.output}
+    tensors = {name: spec[0] for name, spec in quantizers.items()}
+    copy.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                             for t in sorted(set(tensors.values()) - known))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    signal = dict.fromkeys(quantizers, 0.0)
+    noise = dict.fromkeys(quantizers, 0.0)
+    for feed in feeds:
+        values = dict(zip(names, session.run(None, feed)))
+        for node, (tensor, scale, zero, lo, hi) in quantizers.items():
+            x = np.asarray(values[tensor], np.float64)
+            shape = [1] * x.ndim
+            if scale.ndim == 1 and x.ndim > 1:  # per-channel output scales sit on axis 1
+                shape[1] = -1
+            sc, zp = scale.reshape(shape) if scale.ndim else scale, zero.reshape(shape) if zero.ndim else zero
+            xq = (np.clip(np.round(x / sc) + zp, lo, hi) - zp) * sc
+            signal[node] += float(np.sum(x ** 2))
+            noise[node] += float(np.sum((x - xq) ** 2))
+    return {n: float("inf") if noise[n] == 0 else float(10 * np.log10(max(signal[n], 1e-300) / noise[n]))
+            for n in quantizers}
+
+
 def select_quantized_outputs(model, names: set[str], feeds: list) -> tuple[set[str], dict]:
     """Which planned nodes' outputs keep their Q/DQ (so ORT fuses them into an integer kernel),
     measured on ``feeds`` against the same graph with every such output read in float.
 
-    Each candidate's cost alone is measured; then outputs are added cheapest first while the joint
-    graph stays at or above ``MIN_OUTPUT_QDQ_SQNR_DB`` against the inputs-only graph. Returns
-    (chosen node names, {node: {"output": "int8" | "fp32", "alone_sqnr_db", "why"}})."""
+    Candidates are ranked by the quantization SQNR of their own output tensor (one session that
+    exposes them all); then the longest cheapest-first prefix whose joint graph stays at or above
+    ``MIN_OUTPUT_QDQ_SQNR_DB`` against the inputs-only graph is found by bisection, assuming that
+    quantizing one more output never raises the joint SQNR: about log2(n) + 3 sessions instead of
+    one per candidate and prefix (2n + 1), which on the Stable Audio Open VAE took minutes each.
+    Returns (chosen node names, {node: {"output": "int8" | "fp32", "local_sqnr_db", ...}})."""
     candidates = _output_qdq_candidates(model, names)
     if not candidates:
         return set(), {}
+    quantizers = _output_quantizers(model, candidates)
+    local = _local_sqnr_db(model, quantizers, feeds)
+    order = sorted(local, key=lambda n: (-local[n], n))
 
     def graph_with(outputs: set[str]):
         copy = _copy_model(model)
@@ -243,21 +305,32 @@ def select_quantized_outputs(model, names: set[str], feeds: list) -> tuple[set[s
         return copy
 
     reference = _run_graph(graph_with(set()), feeds)
-    alone = {n: _sqnr_db(reference, _run_graph(graph_with({n}), feeds)) for n in sorted(candidates)}
-    chosen: set[str] = set()
+    joint: dict[int, float] = {0: float("inf")}
+
+    def joint_at(k: int) -> float:
+        if k not in joint:
+            joint[k] = _sqnr_db(reference, _run_graph(graph_with(set(order[:k])), feeds))
+        return joint[k]
+
+    if joint_at(len(order)) >= MIN_OUTPUT_QDQ_SQNR_DB:
+        best = len(order)
+    else:
+        good, bad = 0, len(order)  # joint_at(good) passes, joint_at(bad) fails
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if joint_at(mid) >= MIN_OUTPUT_QDQ_SQNR_DB else (good, mid)
+        best = good
     record = {}
-    for node in sorted(alone, key=lambda n: (-alone[n], n)):
-        joint = _sqnr_db(reference, _run_graph(graph_with(chosen | {node}), feeds))
-        entry = {"alone_sqnr_db": round(alone[node], 2)}
-        if joint >= MIN_OUTPUT_QDQ_SQNR_DB:
-            chosen.add(node)
-            record[node] = {"output": "int8", **entry, "joint_sqnr_db": round(joint, 2)}
+    for k, node in enumerate(order):
+        entry = {"local_sqnr_db": round(local[node], 2)}
+        if k < best:
+            record[node] = {"output": "int8", **entry, "joint_sqnr_db": round(joint_at(best), 2)}
         else:
             record[node] = {"output": "fp32", **entry, "why": (
-                f"quantizing its output would take the component to {joint:.1f} dB SQNR against the "
-                f"inputs-only graph on the calibration inputs (limit {MIN_OUTPUT_QDQ_SQNR_DB} dB); "
-                "kept float, so ORT runs it as DequantizeLinear + fp32")}
-    return chosen, record
+                f"quantizing the outputs up to this one (cheapest first) takes the component to "
+                f"{joint_at(best + 1):.1f} dB SQNR against the inputs-only graph on the calibration inputs "
+                f"(limit {MIN_OUTPUT_QDQ_SQNR_DB} dB); kept float, so ORT runs it as DequantizeLinear + fp32")}
+    return set(order[:best]), record
 
 
 def float_graph_outputs(model, nodes: set[str]) -> None:
