@@ -12,7 +12,8 @@ Two components with random seeded weights (latency does not depend on trained va
 Each component runs as fp32 eager PyTorch, ExecuTorch fp32 and int8, ONNX Runtime fp32 and int8
 (``targets.executorch`` / ``targets.onnx`` export; int8 = every quantizable leaf static W8A8,
 calibrated on ``--calib-n`` random inputs of the example shapes, t ~ U(0, 1)), through the runners
-of ``runtime_py`` (ONNX Runtime at ORT_ENABLE_BASIC as deployed there). Every export and every
+of ``runtime_py`` (ONNX Runtime at the level ``runtime_py verify`` uses for the export: BASIC, or
+ORT_ENABLE_EXTENDED where the export found integer kernels). Every export and every
 timed measurement is its own subprocess with a timeout (NOTES.md: an export+run+threadpool-reset
 process hung once); a measurement at n threads sets torch.set_num_threads(n), ORT's
 intra_op_num_threads = n, or ExecuTorch's threadpool (reset before loading). Warm-up, then
@@ -176,6 +177,9 @@ def work_export(job: dict) -> dict:
         out["delegation"] = delegation
     else:
         out["op_types"] = details["op_types"]
+        from runtime_py.verify import runner_options
+
+        out["runner_options"] = runner_options({"details": details})  # what runtime_py verify runs it with
     return out
 
 
@@ -206,8 +210,8 @@ def work_eager(job: dict) -> dict:
     return {**out, **_quantiles(ms)}
 
 
-def _ort_int8_kernels(path: str) -> dict[str, int]:
-    """Integer-kernel nodes in the session graph ORT actually runs (at the runner's BASIC level)."""
+def _ort_int8_kernels(path: str, level: str = "ORT_ENABLE_BASIC") -> dict[str, int]:
+    """Integer-kernel nodes in the session graph ORT actually runs (at the runner's ``level``)."""
     from collections import Counter
 
     import onnx
@@ -215,7 +219,7 @@ def _ort_int8_kernels(path: str) -> dict[str, int]:
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
@@ -226,13 +230,14 @@ def _ort_int8_kernels(path: str) -> dict[str, int]:
 def work_runtime(job: dict) -> dict:
     from runtime_py.runners import load_runner
 
-    runner = load_runner(job["runtime"], Path(job["path"]), threads=job["threads"])
+    runner = load_runner(job["runtime"], Path(job["path"]), threads=job["threads"], **job.get("options", {}))
     arrays = [t.numpy() for t in random_inputs(job["component"], job["preset"], seed=job["seed"])]
     feed = dict(zip(runner.input_names, arrays, strict=True))
     ms = time_runs(runner, feed, warmup=job["warmup"], runs=job["runs"])
     out = {"threads_actual": runner.threads, **_quantiles(ms)}
     if job["runtime"] == "onnx" and job.get("count_int8_kernels"):
-        out["ort_int8_kernels"] = _ort_int8_kernels(job["path"])
+        out["ort_int8_kernels"] = _ort_int8_kernels(job["path"], getattr(runner, "optimization", "ORT_ENABLE_BASIC"))
+        out["ort_level"] = getattr(runner, "optimization", "ORT_ENABLE_BASIC")
     return out
 
 
@@ -337,7 +342,7 @@ def measure_component(component: str, preset: str, *, seed: int, calib_n: int, t
                     res = {"error": "export failed", "skipped": True}
                 else:
                     res = run_job({**timing, "kind": "runtime", "runtime": runtime,
-                                   "path": export["path"],
+                                   "path": export["path"], "options": export.get("runner_options") or {},
                                    "count_int8_kernels": precision in INT8_PRECISIONS
                                    and n == threads[0]},
                                   work=work, timeout_s=timeout_s, threads=n)
@@ -554,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         "Linear, XNNPACK's dynamically quantized kernels; the target's default); int8-static: one "
         "calibrated scale per tensor, the static XNNPACK int8 kernels. ONNX int8: static QDQ. "
         f"Static scales calibrated on {a.calib_n} random inputs (t ~ U(0, 1)). ONNX Runtime through "
-        "runtime_py's runner (CPU provider, ORT_ENABLE_BASIC); ExecuTorch through its runner "
+        "runtime_py's runner (CPU provider, at runtime_py verify's level: BASIC, or EXTENDED where the "
+        "export found ORT integer kernels); ExecuTorch through its runner "
         "(XNNPACK threadpool reset to n before loading). "
         "ExecuTorch exports the whole graph (targets/xnnpack_graph.py passes). Floor = MACs of one "
         "call (toolkit.macs) / XNNPACK's best GEMM rate at the row's precision and thread count, "
@@ -570,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         ort_int8 = r["latency"].get("onnx/int8", {}).get(str(a.threads[0]), {})
         if "ort_int8_kernels" in ort_int8:
             kernels = ort_int8["ort_int8_kernels"]
-            notes.append(f"{r['component']} ONNX int8: integer kernels in ORT's session graph: "
+            notes.append(f"{r['component']} ONNX int8: integer kernels in ORT's session graph at "
+                         f"{ort_int8.get('ort_level', 'ORT_ENABLE_BASIC')}: "
                          + (", ".join(f"{k} ×{v}" for k, v in kernels.items()) if kernels else
                             "none (Q/DQ on the weighted ops' inputs only run as dequantize + fp32 "
                             "Conv/MatMul on the CPU provider)"))
