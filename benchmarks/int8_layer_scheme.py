@@ -32,92 +32,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._record import append_section, command_line  # noqa: E402
-from calibration.fakequant import activation_ranges, fake_quantize_weight, quantizable_leaves  # noqa: E402
+from calibration.act_schemes import fake_quantized, per_frame_supported  # noqa: E402
+from calibration.fakequant import activation_ranges, quantizable_leaves  # noqa: E402
 from calibration.sampling import load_calibration_set  # noqa: E402
 from runtime_py.metrics import capped_snr_db, snr_db  # noqa: E402
 from toolkit.checkpoint import Pipeline, load_checkpoint  # noqa: E402
 from toolkit.generate import sample_latent  # noqa: E402
-
-
-def quantize_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Asymmetric int8 fake quantization with one range per slice along every axis but ``dim``
-    (the range always includes 0, as XNNPACK's dynamic quantization does)."""
-    lo = x.amin(dim=dim, keepdim=True).clamp(max=0.0)
-    hi = x.amax(dim=dim, keepdim=True).clamp(min=0.0)
-    scale = ((hi - lo) / 255.0).clamp(min=1e-12)
-    zero = torch.round(-lo / scale) - 128
-    q = torch.clamp(torch.round(x / scale) + zero, -128, 127)
-    return (q - zero) * scale
-
-
-def static_quantize(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-12) / 255.0
-    zero = round(-lo / scale) - 128
-    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
-
-
-class PerFrameConv1d(nn.Module):
-    """A Conv1d run as targets.executorch lowers it per frame: a Linear over each output frame's
-    unfolded input window, that window quantized to int8 with its own range."""
-
-    def __init__(self, conv: nn.Conv1d):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        (k,), (s,), (d,), (p,) = c.kernel_size, c.stride, c.dilation, c.padding
-        x = F.pad(x, (p, p))
-        span = d * (k - 1) + 1
-        win = x.unfold(-1, span, s)[..., ::d]  # (B, C, T_out, k)
-        win = win.permute(0, 2, 1, 3).reshape(x.shape[0], win.shape[2], -1)  # (B, T_out, C·k)
-        win = quantize_rows(win, dim=-1)
-        y = win @ c.weight.reshape(c.out_channels, -1).T
-        if c.bias is not None:
-            y = y + c.bias
-        return y.transpose(1, 2)
-
-
-class PerFrameLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(quantize_rows(x, dim=-1))
-
-
-def per_frame_supported(leaf: nn.Module) -> bool:
-    return type(leaf) is nn.Linear or (type(leaf) is nn.Conv1d and leaf.groups == 1
-                                       and leaf.padding_mode == "zeros" and not isinstance(leaf.padding, str))
-
-
-def quantized(model: nn.Module, schemes: dict[str, str], ranges: dict) -> nn.Module:
-    """A copy of ``model`` whose named leaves have int8 per-channel weights and int8 activations
-    under the given scheme (``static`` or ``per_frame``)."""
-    import copy
-
-    q = copy.deepcopy(model)
-    for name, scheme in schemes.items():
-        leaf = q.get_submodule(name)
-        with torch.no_grad():
-            leaf.weight.copy_(fake_quantize_weight(leaf.weight, 8, per_channel=True))
-        if scheme == "static":
-            lo, hi = ranges[name]
-            leaf.register_forward_pre_hook(lambda m, inp, lo=lo, hi=hi: (static_quantize(inp[0], lo, hi), *inp[1:]))
-            continue
-        parent, _, child = name.rpartition(".")
-        holder = q.get_submodule(parent) if parent else q
-        setattr(holder, child, PerFrameConv1d(leaf) if isinstance(leaf, nn.Conv1d) else PerFrameLinear(leaf))
-    return q.eval()
 
 
 @torch.no_grad()
@@ -156,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(list(leaves), desc="layers", file=sys.stderr):
         leaf = leaves[name]
         row = {"type": type(leaf).__name__,
-               "static": latent_snr(pipe, quantized(pipe.denoiser, {name: "static"}, ranges), cond, noise, ref,
+               "static": latent_snr(pipe, fake_quantized(pipe.denoiser, {name: "static"}, ranges), cond, noise, ref,
                                     steps=steps, guidance=guidance)}
         if per_frame_supported(leaf):
-            row["per_frame"] = latent_snr(pipe, quantized(pipe.denoiser, {name: "per_frame"}, ranges), cond, noise,
+            row["per_frame"] = latent_snr(pipe, fake_quantized(pipe.denoiser, {name: "per_frame"}, ranges), cond, noise,
                                           ref, steps=steps, guidance=guidance)
         rows[name] = row
     needs = [n_ for n_, r in rows.items() if r["static"] < a.threshold and r.get("per_frame", -1) > r["static"]]
@@ -170,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         (f"mixed: per frame for the {len(needs)} layers under {a.threshold:g} dB static",
                          lambda n_: "per_frame" if n_ in needs else "static")):
         schemes = {n_: pick(n_) for n_ in rows}
-        whole[label] = {"latent_snr_db": latent_snr(pipe, quantized(pipe.denoiser, schemes, ranges), cond, noise,
+        whole[label] = {"latent_snr_db": latent_snr(pipe, fake_quantized(pipe.denoiser, schemes, ranges), cond, noise,
                                                     ref, steps=steps, guidance=guidance),
                         "per_frame_layers": sum(s == "per_frame" for s in schemes.values())}
     a.out.parent.mkdir(parents=True, exist_ok=True)

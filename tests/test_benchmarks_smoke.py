@@ -39,8 +39,8 @@ def test_table_rows_ratios_and_profile_text():
     table = build_table([result], peaks, [1, 2]).splitlines()
     assert len(table) == 2 + len(VARIANTS)
     static = next(line for line in table if "| executorch | int8-static |" in line)
-    # 4th variant: p50 40 / 20 ms | floor 10 / 5 ms | 20 ms / 5 ms floor = 4x | eager 5 ms at 2t: 4x | 2 MB | 3 s
-    assert "| 40.0 | 20.0 | 10.0 / 5.00 | 4.00× | 4.00× | 2.00 | 3.0 | 10/10 ops, 1 delegates |" in static
+    # 5th variant: p50 50 / 25 ms | floor 10 / 5 ms | 25 ms / 5 ms floor = 5x | eager 5 ms at 2t: 5x | 2 MB | 3 s
+    assert "| 50.0 | 25.0 | 10.0 / 5.00 | 5.00× | 5.00× | 2.00 | 3.0 | 10/10 ops, 1 delegates |" in static
     assert "timeout" in table[-1]
     text = format_profile({"method_execute_ms": 4.0, "delegate_calls_ms": 3.0, "portable_calls_ms": 1.0,
                            "threads": 2, "runs": 5,
@@ -72,24 +72,3 @@ def test_vae_probe_runs_on_a_tiny_vae_and_its_command_reruns(tmp_path, capsys):
     assert all(-1.0 <= figures[i] <= 1.0 for i in (4, 5))  # correlations
     # A name with a space survives the recorded command as one argument.
     assert "--vae 'tiny one=/x'" in command_line("vae_probe.py", ["--vae", "tiny one=/x"])
-
-
-def test_per_frame_conv_is_the_conv_and_quantizes_each_frame_window_alone(monkeypatch):
-    """benchmarks/int8_layer_scheme.py's model of XNNPACK's per-frame lowering: without rounding it
-    is the Conv1d (any stride/padding); with it, a frame's window is quantized on its own range."""
-    import torch
-
-    import benchmarks.int8_layer_scheme as scheme
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 33)
-    convs = [torch.nn.Conv1d(8, 6, 5, padding=2), torch.nn.Conv1d(8, 6, 3, padding=1, stride=2),
-             torch.nn.Conv1d(8, 6, 3, padding=2, dilation=2)]
-    with monkeypatch.context() as m:
-        m.setattr(scheme, "quantize_rows", lambda t, dim: t)
-        for conv in convs:
-            assert torch.allclose(scheme.PerFrameConv1d(conv)(x), conv(x), atol=1e-5)
-    rows = torch.tensor([[0.0, 1.0, 2.0], [0.0, 100.0, 200.0]])
-    q = scheme.quantize_rows(rows, dim=-1)
-    assert torch.allclose(q[0], rows[0], atol=2 / 255) and torch.allclose(q[1], rows[1], atol=200 / 255)
-    assert not torch.equal(scheme.quantize_rows(rows.reshape(1, -1), dim=-1).reshape(2, 3)[0], q[0])
