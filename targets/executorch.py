@@ -253,25 +253,43 @@ def _fill_get_attr_module_stack(graph_module) -> None:
                 f"fill_{i}": (".".join(parts[:i + 1]), object) for i in range(len(parts))}
 
 
-# How int8 activations lower to XNNPACK: "per_frame" (dynamic, one scale per latent frame; the
-# default) or "static" (one calibrated scale per tensor, and every int8 layer's output quantized
-# too). See the module doc for the measurements behind the default.
-INT8_ACTIVATIONS_ON_XNNPACK = "per_frame"
+# How int8 activations lower to XNNPACK: "per_layer" (the default: each W8A8 layer measured on the
+# calibration inputs, one layer at a time, static where it keeps SCHEME_THRESHOLD_DB of the
+# component's output SQNR, per latent frame where it does not; calibration.act_schemes),
+# "per_frame" (dynamic, one scale per latent frame, every layer) or "static" (one calibrated scale
+# per tensor, every layer; every int8 layer's output quantized too). See the module doc.
+INT8_ACTIVATIONS_ON_XNNPACK = "per_layer"
+INT8_SCHEMES = ("per_layer", "per_frame", "static")
+# One-layer component-output SQNR (dB) under static int8 below which a layer runs per frame. On
+# the demo student this picks the same 7 layers as the end-to-end one-layer latent measurement at
+# 40 dB (benchmarks/int8_layer_scheme.py; the 8th, up.2.res.0.conv1, measures 35.0 dB).
+SCHEME_THRESHOLD_DB = 35.0
+# Calibration inputs the per-layer measurement runs (evenly spaced over the set; each layer costs
+# one or two calls per input).
+SCHEME_FEEDS = 16
 # How a W8A16 entry (int8 weights, float activations) lowers: "per_frame" (int8 activations per time
 # step, dynamic; XNNPACK has no 16-bit activation kernel) or "float" (fp32, 4× the bytes).
 W8A16_ON_XNNPACK = "per_frame"
 DYNAMIC_ACTIVATIONS_REASON = ("int8 activations quantized at run time with one scale per call and latent frame "
                               "(dynamic); the calibrated ranges are not used "
-                              "(INT8_ACTIVATIONS_ON_XNNPACK = 'per_frame')")
+                              "(INT8_ACTIVATIONS_ON_XNNPACK = {scheme!r}{why})")
 NO_INTEGER_WEIGHTS_REASON = ("fp32: the plan has no integer weights for this component, and one XNNPACK program "
                              "is float32 or integer, not half per layer")
 # The schemes that run int8 activations per latent frame (Conv1d rewritten as a Linear).
 FRAME_KINDS = ("int8_frame", "int4_frame")
 
 
-def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
-    """Per plan layer: the XNNPACK scheme applied (see the module doc) and why it differs."""
+def _layer_kinds(module, plan, schemes: dict[str, str] | None = None) -> dict[str, tuple[str, str | None]]:
+    """Per plan layer: the XNNPACK scheme applied (see the module doc) and why it differs.
+
+    ``schemes``: the per-layer activation scheme of W8A8 layers ("static" / "per_frame", from
+    :func:`measure_schemes`) when ``INT8_ACTIVATIONS_ON_XNNPACK`` is "per_layer".
+    """
     from torch import nn
+
+    if INT8_ACTIVATIONS_ON_XNNPACK not in INT8_SCHEMES:
+        raise ValueError(f"INT8_ACTIVATIONS_ON_XNNPACK must be one of {INT8_SCHEMES}, "
+                         f"got {INT8_ACTIVATIONS_ON_XNNPACK!r}")
 
     kinds = {}
     for name, want in plan.items():
@@ -289,7 +307,8 @@ def _layer_kinds(module, plan) -> dict[str, tuple[str, str | None]]:
         elif want.weights == "int4":
             kinds[name] = ("int8_static", f"int8 weights: XNNPACK has no 4-bit {kind_name} kernel "
                                           "(linear, and convolutions run as linear, only)")
-        elif want.activations == "int8" and INT8_ACTIVATIONS_ON_XNNPACK == "per_frame" and per_frame:
+        elif want.activations == "int8" and per_frame and (
+                INT8_ACTIVATIONS_ON_XNNPACK == "per_frame" or (schemes or {}).get(name) == "per_frame"):
             kinds[name] = ("int8_frame", None)
         elif want.activations == "int8":
             kinds[name] = ("int8_static", None)
@@ -315,7 +334,10 @@ def quantize_pt2e(spec, plan: dict, calib: list):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     module = spec.module.eval()
-    kinds = _layer_kinds(module, plan)
+    measured = None
+    if INT8_ACTIVATIONS_ON_XNNPACK == "per_layer":
+        measured = measure_schemes(module, plan, calib or [tuple(spec.example_inputs)])
+    kinds = _layer_kinds(module, plan, None if measured is None else measured["schemes"])
     stepped = [n for n, (k, _) in kinds.items() if k in FRAME_KINDS
                and isinstance(module.get_submodule(n), nn.Conv1d)]
     module = conv1d_as_linear(module, stepped).eval()
@@ -337,8 +359,49 @@ def quantize_pt2e(spec, plan: dict, calib: list):
             prepared(*inputs)
     converted = convert_pt2e(prepared)
     _float_layers_read_float(converted, {n for n, (k, _) in kinds.items() if k == "float"})
+    _frame_layers_read_float(converted, set(stepped))
     inject_rounding(converted, plan, kinds)  # GPTQ plans: the plan's integers, not the observers'
-    return torch.export.export(converted, tuple(spec.example_inputs)), kinds
+    return torch.export.export(converted, tuple(spec.example_inputs)), kinds, measured
+
+
+def measure_schemes(module, plan: dict, calib: list, *, threshold_db: float | None = None,
+                    feeds: int | None = None) -> dict:
+    """Which W8A8 layers run static and which per frame, measured (calibration.act_schemes).
+
+    One layer at a time int8 (the rest float) on ``feeds`` calibration inputs evenly spaced over
+    ``calib``: the component's output SQNR with that layer's input static (the calibrated min/max)
+    and, where that is below ``threshold_db``, per frame. Returns the record the manifest keeps:
+    threshold, inputs used, per-layer dB and the chosen scheme.
+    """
+    from calibration.act_schemes import (
+        choose_schemes,
+        one_layer_sqnr,
+        per_frame_supported,
+    )
+
+    threshold_db = SCHEME_THRESHOLD_DB if threshold_db is None else threshold_db
+    feeds = SCHEME_FEEDS if feeds is None else feeds
+    layers = [n for n, p in plan.items() if p.weights == "int8" and p.activations == "int8"
+              and per_frame_supported(module.get_submodule(n))]
+    step = max(1, len(calib) // feeds)
+    used = list(calib)[::step][:feeds]
+    measured = one_layer_sqnr(module, used, layers, threshold_db=threshold_db) if layers else {}
+    schemes = choose_schemes(measured, threshold_db=threshold_db)
+    return {"method": "one layer at a time int8, the component's output SQNR over the calibration inputs "
+                      "(calibration.act_schemes.one_layer_sqnr)",
+            "threshold_db": threshold_db, "inputs": len(used),
+            "per_frame": sorted(n for n, k in schemes.items() if k == "per_frame"),
+            "layers": {n: {"static_db": _round_db(m["static"]), "per_frame_db": _round_db(m["per_frame"]),
+                           "scheme": schemes[n]} for n, m in measured.items()},
+            "schemes": schemes}
+
+
+def _round_db(value: float | None) -> float | None:
+    import math
+
+    if value is None:
+        return None
+    return round(value, 2) if math.isfinite(value) else None
 
 
 # --- GPTQ rounding (calibration.gptq): begin ----------------------------------------------------
@@ -436,6 +499,39 @@ def _float_layers_read_float(graph_module, float_layers: set[str]) -> None:
         graph_module.recompile()
 
 
+def _frame_layers_read_float(graph_module, frame_layers: set[str]) -> None:
+    """A per-frame layer's unfolding reads float tensors, not static quantize → dequantize copies.
+
+    Beside static int8 layers, the quantizer can hand a per-frame layer (a Conv1d run as a
+    time-major Linear) an input that a static neighbour's quantization shares, e.g. the U-Net
+    input ``cat([x, cond])`` read by a static ``vocal.conv_in`` and a per-frame ``conv_in``. The
+    unfolding's first op (the zero pad) then takes int8 in and gives float out, which XNNPACK
+    refuses ("Failed to create StaticConstantPad node ... xnn_status_invalid_parameter"). The
+    layer quantizes its rows itself at run time: its ops read the float value. Dynamic
+    quantization (scales computed in the graph) is left alone.
+    """
+    import torch
+
+    def is_static(n, name: str) -> bool:
+        return (getattr(n, "op", None) == "call_function" and name in str(n.target)
+                and not isinstance(n.args[1], torch.fx.Node))
+
+    changed = False
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function":
+            continue
+        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        if not stack or not any(p == f or p.startswith(f + ".") for p in stack[-1:] for f in frame_layers):
+            continue
+        for arg in list(node.all_input_nodes):
+            if is_static(arg, "dequantize_per_tensor") and is_static(arg.args[0], "quantize_per_tensor"):
+                node.replace_input_with(arg, arg.args[0].args[0])
+                changed = True
+    if changed:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+
+
 def _applied_from_graph(exported, plan: dict) -> dict:
     """Per plan layer, what the converted graph really does (read from its q/dq nodes)."""
     from calibration.precision import LayerPrecision
@@ -480,15 +576,26 @@ def export(spec, *, precision: str, plan: dict | None, calib: list | None,
     if quantized:
         if precision != "fp32":
             raise ValueError(f"{NAME}: a quantization plan is applied to the fp32 model; drop --precision fp16")
-        exported, kinds = quantize_pt2e(spec, plan, calib)
+        exported, kinds, measured = quantize_pt2e(spec, plan, calib)
         got = _applied_from_graph(exported, plan)
         reasons = {n: why for n, (_, why) in kinds.items()}
+
+        def why_dynamic(name: str) -> str:
+            if measured is None or name not in measured["layers"]:
+                return ""
+            m = measured["layers"][name]
+            return (f": static keeps {m['static_db']} dB of the output SQNR alone, below "
+                    f"{measured['threshold_db']:g}; per frame {m['per_frame_db']} dB")
+
         # A plan's int8 activations mean the calibrated ranges; the per-frame scheme computes its
         # scales at run time instead: same types, another scheme, so not honoured, and said why.
-        dynamic = {n: DYNAMIC_ACTIVATIONS_REASON for n, (k, _) in kinds.items()
-                   if k in FRAME_KINDS and plan[n].activations == "int8"}
+        dynamic = {n: DYNAMIC_ACTIVATIONS_REASON.format(scheme=INT8_ACTIVATIONS_ON_XNNPACK, why=why_dynamic(n))
+                   for n, (k, _) in kinds.items() if k in FRAME_KINDS and plan[n].activations == "int8"}
         lowering = lowering_report(plan, {n: (got[n], reasons[n]) for n in plan}, departures=dynamic)
         lowering["schemes"] = {n: k for n, (k, _) in kinds.items()}
+        lowering["int8_activations"] = INT8_ACTIVATIONS_ON_XNNPACK
+        if measured is not None:
+            lowering["scheme_measurement"] = {k: v for k, v in measured.items() if k != "schemes"}
     else:
         if plan is not None:  # a plan with no integer weights: every layer runs float, and says so
             from calibration.precision import LayerPrecision

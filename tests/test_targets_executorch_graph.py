@@ -158,15 +158,34 @@ def _assert_whole(art):
     assert "graph_passes" in art.details
 
 
-@pytest.mark.parametrize("scheme", [None, "static", "per_frame"])
+@pytest.mark.parametrize("scheme", [None, "static", "per_frame", "per_layer"])
 def test_denoiser_lowers_whole_and_matches_pytorch(scheme, specs, tmp_path, monkeypatch):
     spec = specs["denoiser"]
+    if scheme == "per_layer":  # a threshold between the measured layers, so that both schemes run
+        import targets.executorch as et
+
+        plan = {n: W8A8 for n in quantizable_leaves(spec.module)}
+        static = sorted(m["static_db"] for m in et.measure_schemes(spec.module, plan, _feeds(spec, 4))["layers"].values())
+        monkeypatch.setattr(et, "SCHEME_THRESHOLD_DB", (static[2] + static[3]) / 2)
     art, calib = _export(spec, tmp_path, scheme=scheme, monkeypatch=monkeypatch)
     _assert_whole(art)
     if scheme is not None:
         lowering = art.details["lowering"]
+        assert lowering["int8_activations"] == scheme
         if scheme == "static":
             assert lowering["honoured"] == len(lowering["layers"])
+        elif scheme == "per_layer":  # per frame exactly where the recorded measurement says static loses
+            measured = lowering["scheme_measurement"]
+            assert set(measured["layers"]) == {n for n in lowering["layers"]
+                                               if lowering["schemes"][n] in ("int8_frame", "int8_static")}
+            for name, m in measured["layers"].items():
+                frame = m["static_db"] < measured["threshold_db"] and m["per_frame_db"] is not None \
+                    and m["per_frame_db"] > m["static_db"]
+                assert m["scheme"] == ("per_frame" if frame else "static")
+                assert lowering["schemes"][name] == ("int8_frame" if frame else "int8_static")
+                assert (name in lowering["differs"]) == frame  # static layers honour the calibrated ranges
+            assert 1 <= len(measured["per_frame"]) < len(measured["layers"])
+            assert all("below" in lowering["layers"][n]["why"] for n in measured["per_frame"])
         else:  # run-time scales per latent frame: int8 as asked, but not the calibrated ranges
             dynamic = [n for n, k in lowering["schemes"].items() if k in ("int8_frame", "int4_frame")]
             assert dynamic and set(dynamic) <= set(lowering["differs"])
