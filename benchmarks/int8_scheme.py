@@ -1,10 +1,12 @@
-"""Which int8 activation scheme should ExecuTorch use by default: static per-tensor or per latent frame?
+"""Which int8 activation scheme should ExecuTorch use by default: static, per latent frame, or per layer?
 
-targets.executorch lowers a W8A8 plan entry in one of two ways (``INT8_ACTIVATIONS_ON_XNNPACK``):
+targets.executorch lowers a W8A8 plan entry in one of three ways (``INT8_ACTIVATIONS_ON_XNNPACK``):
 ``static`` (one calibrated scale per tensor, XNNPACK's static int8 kernels, every int8 layer's
-output quantized too) or ``per_frame`` (int8 activations with one scale per latent frame computed at
-run time: Conv1d as a time-major Linear, XNNPACK's dynamically quantized kernels). This measures
-both on a checkpoint (default: the embedded demo), with the whole graph in XNNPACK:
+output quantized too), ``per_frame`` (int8 activations with one scale per latent frame computed at
+run time: Conv1d as a time-major Linear, XNNPACK's dynamically quantized kernels) or ``per_layer``
+(per frame only for the layers whose one-layer output SQNR under static is below the target's
+threshold, static for the rest; calibration.act_schemes). This measures all three on a checkpoint
+(default: the embedded demo), with the whole graph in XNNPACK:
 
 * quality: the denoiser exported under each scheme with the same plan (``--plan`` JSON, default
   every Conv / ConvTranspose / Linear W8A8) and calibrated on the same PTQ4ADM calibration set
@@ -37,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks._record import append_section, command_line  # noqa: E402
 from benchmarks.xnnpack_peak import run_worker, time_runs, worker_main  # noqa: E402
 
-SCHEMES = ("static", "per_frame")
+SCHEMES = ("static", "per_frame", "per_layer")
 
 
 def log(message: str) -> None:
@@ -169,6 +171,8 @@ def measure_quality(args, work: Path) -> dict:
             "path": str(work / scheme / art.path), "export_s": export_s,
             "file_bytes": (work / scheme / art.path).stat().st_size,
             "delegates": d["delegates"], "non_delegated_ops": d["non_delegated_ops"],
+            "per_frame_layers": sorted(n for n, k in art.details["lowering"]["schemes"].items()
+                                       if k in et.FRAME_KINDS),
             "latent_snr_db": snr, "latent_snr_db_mean": float(np.mean(snr)),
             "latent_snr_db_worst": float(np.min(snr)), "distance_over_spread": ratio,
             "distance_over_spread_mean": float(np.mean(ratio)),
@@ -218,13 +222,14 @@ def main(argv: list[str] | None = None) -> int:
                         Path(__file__).resolve(), {"kind": "time", "path": res["path"], "threads": n,
                                                    "warmup": 3, "runs": a.runs},
                         work=work, timeout_s=a.timeout, threads=n)
-    head = ["scheme", "latent SNR dB (mean / worst)", "distance / spread (mean / worst)", "delegates",
+    head = ["scheme", "per-frame layers", "latent SNR dB (mean / worst)", "distance / spread (mean / worst)", "delegates",
             "file MB", *[f"{n}t p50 ms" for n in a.threads]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for scheme, res in quality["schemes"].items():
         times = [speed.get(scheme, {}).get(str(n), {}) for n in a.threads]
         lines.append("| " + " | ".join([
-            scheme, f"{res['latent_snr_db_mean']:.1f} / {res['latent_snr_db_worst']:.1f}",
+            scheme, str(len(res["per_frame_layers"])),
+            f"{res['latent_snr_db_mean']:.1f} / {res['latent_snr_db_worst']:.1f}",
             f"{res['distance_over_spread_mean']:.3f} / {res['distance_over_spread_worst']:.3f}",
             str(res["delegates"]), f"{res['file_bytes'] / 1e6:.2f}",
             *[f"{t['p50_ms']:.2f}" if "p50_ms" in t else ("failed" if t else "—") for t in times]]) + " |")
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{quality['examples']} held-out synthetic examples, {quality['steps']} DDIM steps, guidance "
              f"{quality['guidance']}; final latents vs PyTorch fp32 from the same noise. Spread: MSE "
              "between two fp32 runs differing only in the noise. Whole graph in XNNPACK "
-             "(targets/xnnpack_graph.py).")
+             "(targets/xnnpack_graph.py). per_layer ran per frame: "
+             + (", ".join(quality["schemes"].get("per_layer", {}).get("per_frame_layers", [])) or "no layer") + ".")
     payload = {"command": command_line(__file__, argv), "quality": quality, "speed": speed,
                "table": table, "wall_s": time.time() - t_start}
     (a.out / "results.json").write_text(json.dumps(payload, indent=2))
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(notes)
     if a.record:
-        append_section("int8 activation scheme on ExecuTorch: static per-tensor vs per latent frame",
+        append_section("int8 activation scheme on ExecuTorch: static per tensor, per latent frame, per layer",
                        command=command_line(__file__, argv), wall_s=time.time() - t_start,
                        notes=notes, table=table)
     return 0

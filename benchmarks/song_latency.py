@@ -19,7 +19,10 @@ measured against the unchunked eager fp32 encode and decode (SNR, dB) with ``--s
 
 Rows: eager PyTorch fp32, ExecuTorch fp32 and int8, ONNX Runtime fp32 and int8 (int8 = every
 Conv / ConvTranspose / Linear W8A8, per-channel weights; ExecuTorch's activations per
-``--int8-scheme``; scales calibrated on ``--calib-n`` random inputs of the deployed shapes). Each
+``--int8-scheme`` in the denoiser (default: the target's, measured per layer) and
+``--vae-int8-scheme`` in the VAE (default static, what the per-layer measurement chooses for every
+layer of the demo's trained decoder); scales calibrated on ``--calib-n`` random inputs of the
+deployed shapes). Each
 export and each timed song runs in its own subprocess with a timeout. Per row and thread count:
 seconds per stage (best of ``--runs`` songs after one warm-up call per component), total, × real
 time (song seconds / total), the process's peak RSS, and the three files' sizes. Floors: MACs per
@@ -222,6 +225,10 @@ def work_export(job: dict) -> dict:
     path = Path(job["out_dir"]) / art.path
     out = {"path": str(path), "export_s": time.perf_counter() - t0, "precision": art.precision,
            "file_bytes": sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*"))}
+    lowering = art.details.get("lowering") or {}
+    if "schemes" in lowering:  # which int8 layers run per frame (the rest static)
+        out["per_frame_layers"] = sorted(n for n, k in lowering["schemes"].items() if k.endswith("_frame"))
+        out["int8_layers"] = sum(k.startswith("int") for k in lowering["schemes"].values())
     if "delegation" in art.details:
         d = art.details["delegation"]
         out["delegation"] = {k: d[k] for k in ("delegates", "ops_delegated", "ops_total",
@@ -358,16 +365,36 @@ def _fmt_s(s: float | None) -> str:
     return "—" if s is None else f"{s:.2f}" if s >= 0.1 else f"{s * 1e3:.1f} ms"
 
 
-def floors(macs: dict, peaks: dict, precision: str, threads: int) -> dict | None:
-    rate = peak_gmacs(peaks, precision, threads)
-    if not rate or not macs or "error" in macs:
+# The XNNPACK peaks (benchmarks/xnnpack_peak.py) whose kernels an ExecuTorch int8 scheme runs; a
+# floor divides by the best of them (per_layer mixes static and per-frame layers).
+PEAKS_OF_SCHEME = {"static": ("int8-static",), "per_frame": ("int8-frame",),
+                   "per_layer": ("int8-static", "int8-frame")}
+
+
+def row_peaks(runtime: str, precision: str, schemes: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """Per component, the peaks a row's floor may divide by."""
+    if precision == "fp32":
+        return {c: ("fp32",) for c in COMPONENTS}
+    if runtime == "onnx":  # static QDQ
+        return {c: ("int8-static",) for c in COMPONENTS}
+    return {c: PEAKS_OF_SCHEME[schemes[c]] for c in COMPONENTS}
+
+
+def floors(macs: dict, peaks: dict, peak_names: dict[str, tuple[str, ...]], threads: int) -> dict | None:
+    if not macs or "error" in macs:
         return None
     stage_of = {"vae_encoder": "encode", "denoiser": "denoise", "vae_decoder": "decode"}
-    return {stage_of[c]: m["macs_per_call"] * m["calls"] / (rate * 1e9) for c, m in macs.items()}
+    out = {}
+    for c, m in macs.items():
+        rates = [r for name in peak_names[c] if (r := peak_gmacs(peaks, name, threads))]
+        if not rates:
+            return None
+        out[stage_of[c]] = m["macs_per_call"] * m["calls"] / (max(rates) * 1e9)
+    return out
 
 
 def build_table(rows: dict, exports: dict, macs: dict, peaks: dict, geo: dict, threads: list[int],
-                int8_peak: str, variants: list[str]) -> str:
+                schemes: dict[str, str], variants: list[str]) -> str:
     head = ["runtime", "precision", "threads", "encode s", "denoise s", "decode s", "total s",
             "× real time", "floor s (enc / den / dec)", "peak RSS MB", "files MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -379,8 +406,7 @@ def build_table(rows: dict, exports: dict, macs: dict, peaks: dict, geo: dict, t
         files = "—" if runtime == "eager" or None in sizes else f"{sum(sizes) / 1e6:.1f}"
         for n in threads:
             res = rows.get(key, {}).get(str(n), {})
-            peak_precision = "fp32" if precision == "fp32" else int8_peak
-            floor = floors(macs, peaks, peak_precision, n)
+            floor = floors(macs, peaks, row_peaks(runtime, precision, schemes), n)
             floor_cell = "—" if floor is None else " / ".join(_fmt_s(floor[s]) for s in STAGES)
             if "seconds" not in res:
                 cells = [runtime, precision, str(n)] + ["failed" if res else "—"] * 5 + [floor_cell, "—", files]
@@ -414,10 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--variants", nargs="+", default=[f"{r}/{q}" for r, q in VARIANTS],
                    choices=[f"{r}/{q}" for r, q in VARIANTS])
-    p.add_argument("--int8-scheme", choices=("static", "per_frame"),
+    p.add_argument("--int8-scheme", choices=targets.executorch.INT8_SCHEMES,
                    default=targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK,
-                   help="ExecuTorch int8 activations: one calibrated scale per tensor, or one per "
-                        "latent frame at run time (targets.executorch)")
+                   help="ExecuTorch int8 activations of the denoiser: measured per layer (static where "
+                        "a layer keeps the threshold, per frame where not), one calibrated scale per "
+                        "tensor, or one per latent frame at run time (targets.executorch)")
+    p.add_argument("--vae-int8-scheme", choices=targets.executorch.INT8_SCHEMES, default="static",
+                   help="the same for the VAE encoder and decoder. Default static: what per_layer "
+                        "chooses for every layer of the demo's trained VAE decoder (all keep >= "
+                        "38 dB alone); measuring it on the random-weight SAO VAE would cost one "
+                        "eager chunk call per layer and input and say nothing about a trained one")
     p.add_argument("--runs", type=int, default=1, help="timed songs per row (best is shown)")
     p.add_argument("--calib-n", type=int, default=4, help="random calibration inputs for int8")
     p.add_argument("--seed", type=int, default=0)
@@ -437,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"config": a.config, "vae": a.vae, "seed": a.seed, "geometry": geo, "steps": a.steps}
     t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
-    int8_peak = "int8-static" if a.int8_scheme == "static" else "int8-frame"
+    schemes = {"denoiser": a.int8_scheme, "vae_encoder": a.vae_int8_scheme, "vae_decoder": a.vae_int8_scheme}
     log(f"song: {geo['seconds']:.2f} s ({geo['frames']} latent frames × {geo['hop']}), VAE in "
         f"{geo['chunks']} chunk(s) of {geo['chunk']} + 2×{geo['overlap']} frames")
 
@@ -448,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         macs.pop("worker_wall_s", None)
         peaks = measure_peaks(rows=a.peak_size[0], in_features=a.peak_size[1],
                               out_features=a.peak_size[2], threads=threads,
-                              precisions=["fp32", int8_peak], warmup=2, runs=5,
+                              precisions=["fp32", "int8-static", "int8-frame"], warmup=2, runs=5,
                               timeout_s=a.timeout, work=work / "peak")
         exports: dict[str, dict] = {}
         for key in a.variants:
@@ -458,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             for component in COMPONENTS:
                 log(f"export {key} {component} ...")
                 res = run_worker(script, {**base, "kind": "export", "target": runtime, "precision": precision,
-                                          "component": component, "int8_scheme": a.int8_scheme,
+                                          "component": component, "int8_scheme": schemes[component],
                                           "calib_n": a.calib_n,
                                           "out_dir": str(work / "artifacts" / key.replace("/", "-"))},
                                  work=work, timeout_s=a.timeout)
@@ -506,16 +538,18 @@ def main(argv: list[str] | None = None) -> int:
                "geometry": geo, "wall_s": time.time() - t_start, "macs": macs, "peaks": peaks,
                "exports": exports, "rows": rows, "seam": seam, "profiles": profiles}
     (a.out / "results.json").write_text(json.dumps(payload, indent=2))  # before the table: keep the figures
-    table = build_table(rows, exports, macs, peaks, geo, threads, int8_peak, a.variants)
+    table = build_table(rows, exports, macs, peaks, geo, threads, schemes, a.variants)
     notes = [f"Song: {geo['seconds']:.2f} s of {geo['audio_channels']}-channel audio at {geo['sample_rate']} Hz "
              f"({geo['frames']} latent frames); denoiser `{a.config}` (random seeded weights, guidance "
              f"folded: {a.steps} batch-1 calls); VAE `{a.vae}` in {geo['chunks']} chunk(s) of "
              f"{geo['chunk']} latent frames with {geo['overlap']} frames of overlap on each side "
              f"({geo['window']} frames per call). Best of {a.runs} song(s) per row after one warm-up "
              "call per component; each row in its own subprocess. int8: every Conv/ConvTranspose/"
-             f"Linear W8A8, ExecuTorch activations {a.int8_scheme!r}, ONNX static QDQ; scales from "
-             f"{a.calib_n} random inputs. Floor = MACs per stage (toolkit.macs) / XNNPACK's best GEMM "
-             f"rate at the row's precision (fp32 or {int8_peak}) and thread count "
+             f"Linear W8A8, ExecuTorch activations {a.int8_scheme!r} in the denoiser and "
+             f"{a.vae_int8_scheme!r} in the VAE (targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK), ONNX "
+             f"static QDQ; scales from {a.calib_n} random inputs. Floor = MACs per stage (toolkit.macs) / "
+             "XNNPACK's best GEMM rate at the row's precision (fp32; int8: the best of the peaks of "
+             "the kernels the component's scheme runs, int8-static and/or int8-frame) and thread count "
              "(benchmarks/xnnpack_peak.py, one exported Linear "
              f"{a.peak_size[0]}×{a.peak_size[1]}→{a.peak_size[2]}); ONNX rows share the XNNPACK floor."]
     if "error" not in macs:
@@ -523,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{c} {m['macs_per_call'] / 1e9:.2f} G × {m['calls']} calls ({m['params'] / 1e6:.1f} M params)"
             for c, m in macs.items()))
     rates = []
-    for precision in ("fp32", int8_peak):
+    for precision in ("fp32", "int8-static", "int8-frame"):
         for n in threads:
             rate = peak_gmacs(peaks, precision, n)
             rates.append(f"{precision} {n}t {rate:.1f}" if rate else f"{precision} {n}t failed")
@@ -534,7 +568,11 @@ def main(argv: list[str] | None = None) -> int:
         elif "delegation" in res:
             d = res["delegation"]
             notes.append(f"{key}: {d['ops_delegated']}/{d['ops_total']} ops in {d['delegates']} "
-                         f"XNNPACK delegate(s), outside: {d['non_delegated_ops'] or 'none'}")
+                         f"XNNPACK delegate(s), outside: {d['non_delegated_ops'] or 'none'}"
+                         + (f"; {len(res['per_frame_layers'])} of {res['int8_layers']} int8 layers per frame"
+                            + (f" ({', '.join(res['per_frame_layers'][:8])}"
+                               + (", …" if len(res['per_frame_layers']) > 8 else "") + ")"
+                               if res['per_frame_layers'] else "") if "per_frame_layers" in res else ""))
     if seam:
         notes.append("Seam error of chunking (eager fp32, vs one unchunked call): " + (
             seam["error"] if "error" in seam else
