@@ -55,12 +55,13 @@ from benchmarks.xnnpack_peak import measure_peaks, peak_gmacs, run_worker, time_
 COMPONENTS = ("denoiser", "vae_decoder")
 # (runtime, precision) rows per component, in table order.
 VARIANTS = (("eager", "fp32"), ("executorch", "fp32"), ("executorch", "int8"),
-            ("executorch", "int8-frame"), ("executorch", "int8-static"), ("onnx", "fp32"), ("onnx", "int8"))
+            ("executorch", "int8-layer"), ("executorch", "int8-static"), ("onnx", "fp32"), ("onnx", "int8"))
 # ExecuTorch int8 is the target's default scheme (targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK,
-# "per_layer": each layer measured, static where it keeps the threshold, per latent frame where
-# not); int8-frame and int8-static run every layer one way.
-INT8_PRECISIONS = ("int8", "int8-frame", "int8-static")
-SCHEME_OF = {"int8-frame": "per_frame", "int8-static": "static"}  # "int8": the target's default
+# "per_frame": int8 activations per latent frame at run time); int8-layer measures each layer and
+# runs it static where it keeps the threshold, per frame where not; int8-static runs every layer
+# with one calibrated scale per tensor.
+INT8_PRECISIONS = ("int8", "int8-layer", "int8-static")
+SCHEME_OF = {"int8-layer": "per_layer", "int8-static": "static"}  # "int8": the target's default
 AUDIO_SECONDS = 1.0  # the VAE decoder decodes the latent of this much audio per call
 CFG_BATCH = 2  # both classifier-free-guidance branches in one denoiser call
 # ORT kernels that compute in int8; QDQ around a float Conv runs dequantize + fp32 Conv instead.
@@ -69,7 +70,7 @@ ORT_INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulIntege
 TOP_OPS = 12
 # The XNNPACK peak (benchmarks/xnnpack_peak.py) each row's floor divides by.
 PEAK_OF = {"eager/fp32": "fp32", "executorch/fp32": "fp32", "onnx/fp32": "fp32",
-           "executorch/int8-static": "int8-static", "executorch/int8-frame": "int8-frame",
+           "executorch/int8-static": "int8-static",
            "onnx/int8": "int8-static"}
 
 
@@ -394,11 +395,11 @@ def p50(result: dict, key: str, threads: int) -> float | None:
 def peaks_of(key: str) -> tuple[str, ...]:
     """The XNNPACK peaks a row's floor may divide by (executorch/int8 follows the target's default;
     per_layer runs static and per-frame kernels, so the best of both)."""
-    if key == "executorch/int8":
+    if key in ("executorch/int8", "executorch/int8-layer"):
         import targets.executorch
 
-        return {"per_frame": ("int8-frame",), "static": ("int8-static",)}.get(
-            targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK, ("int8-static", "int8-frame"))
+        scheme = targets.executorch.INT8_ACTIVATIONS_ON_XNNPACK if key == "executorch/int8" else "per_layer"
+        return {"per_frame": ("int8-frame",), "static": ("int8-static",)}.get(scheme, ("int8-static", "int8-frame"))
     return (PEAK_OF[key],)
 
 
@@ -565,9 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         "(ceil(sample rate / downsampling) frames), so its ms are ms per second of audio. int8 = "
         "every Conv/ConvTranspose/Linear W8A8 with per-channel symmetric weights. ExecuTorch int8: "
         "int8 activations with one scale per latent frame computed at run time (Conv1d as time-major "
-        "Linear, XNNPACK's dynamically quantized kernels) where a layer alone keeps less than "
-        "targets.executorch.SCHEME_THRESHOLD_DB of output SQNR under one calibrated scale per tensor, "
-        "static elsewhere (the target's default, 'per_layer'); int8-frame: every layer per frame; "
+        "Linear, XNNPACK's dynamically quantized kernels; the target's default); int8-layer: per "
+        "frame only where a layer alone keeps less than targets.executorch.SCHEME_THRESHOLD_DB of "
+        "output SQNR under one calibrated scale per tensor, static elsewhere ('per_layer'); "
         "int8-static: every layer one calibrated scale per tensor, the static XNNPACK int8 kernels. "
         "ONNX int8: static QDQ. "
         f"Static scales calibrated on {a.calib_n} random inputs (t ~ U(0, 1)). ONNX Runtime through "

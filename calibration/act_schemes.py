@@ -1,27 +1,31 @@
 """Which int8 activation scheme each layer needs: one calibrated scale per tensor, or one per frame.
 
 XNNPACK runs int8 activations two ways (targets.executorch): *static*, one scale per tensor fixed
-at calibration (the native int8 convolution and GEMM kernels, fast and threaded), and *per frame*,
-a scale computed at run time for each row of a dynamically quantized Linear (a Conv1d then runs
-as a Linear over each output frame's unfolded input window, at the price of the unfolding: slices,
-transposes and copies that dominate the per-frame programs' time, BENCHMARKS.md). A diffusion
-U-Net's activations move with the time step (PTQ4ADM's premise), so some layers lose too much
-under one scale per tensor; most do not (``benchmarks/int8_layer_scheme.py``: 44 of the demo's
-51 layers keep >= 40 dB of final-latent SNR alone under static). This module measures, per layer
-and on the calibration inputs the export is given, how much of the layer's output each scheme
-keeps, and chooses per frame only where static loses:
+at calibration (the native int8 convolution and GEMM kernels; a static layer writes int8 too), and
+*per frame*, a scale computed at run time for each row of a dynamically quantized Linear (a Conv1d
+then runs as a Linear over each output frame's unfolded input window, at the price of the
+unfolding: slices, transposes and copies that dominate the per-frame programs' time,
+BENCHMARKS.md). A diffusion U-Net's activations move with the time step (PTQ4ADM's premise), so
+some layers lose too much under one scale per tensor. This module measures, per layer and on a
+component's calibration inputs, how much of the component's output each scheme keeps:
 
-* local SQNR (dB) of a layer = 10·log10(Σ y² / Σ (y − ŷ)²) over the calibration feeds, with
-  ``y`` the layer's output with int8 weights and float input, ``ŷ`` the same layer with its input
-  quantized by the scheme. Accumulated in forward hooks of one float pass per feed, so no
-  intermediate is kept (the SAO decoder's last layers see 300 k frames × 128 channels);
-* a layer runs per frame when its static local SQNR is below ``threshold_db`` and per frame keeps
-  more; every other int8 layer runs static. The default threshold is the one that selects the same
-  layers as the end-to-end one-layer-at-a-time measurement on the demo (BENCHMARKS.md).
+* one layer at a time int8, the rest float (the method of PTQ4ADM's per-layer sensitivity), on one
+  call of the component: SQNR (dB) = 10·log10(Σ y² / Σ (y − ŷ)²) of its outputs over the inputs.
+  A layer's error counts by what reaches the output, which its own output SQNR does not tell
+  (the demo's ``conv_in`` keeps 35 dB locally and costs the final latent the most);
+* static as lowered: input and output quantized with the min/max observed on *other* calibration
+  inputs than those measured, so clipping of values calibration did not cover counts, as it does
+  on the device (with the same inputs, the measurement flattered static: the lowered program lost
+  far more than the chosen mix predicted, BENCHMARKS.md);
+* ``per_frame``: the input window of each output frame quantized on its own range, output float;
+* ``per_step``: one run-time range per batch element (one call and CFG branch: one diffusion time
+  step), what XNNPACK's dynamically quantized convolution does; measured here as a model only
+  (targets.executorch says why ExecuTorch cannot lower it yet).
 
-The fake quantizers here are the schemes' arithmetic (asymmetric int8 with a zero point, as
-XNNPACK's qs8/qdu8 kernels take it), not the lowered program; the lowered program's parity is
-checked by the export as always.
+:func:`choose_schemes` runs a layer per frame where static keeps less than the threshold and per
+frame keeps more. The fake quantizers are the schemes' arithmetic (asymmetric int8 with a zero
+point, as XNNPACK's qs8/qdu8 kernels take it), not the lowered program, whose parity the export
+checks as always.
 """
 
 from __future__ import annotations
@@ -34,11 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCHEMES = ("static", "per_frame")
-# Static local SQNR (dB) below which a layer runs per frame. Chosen on the demo student: it is
-# the value that picks out the layers whose one-layer final-latent SNR under static is below
-# 40 dB (benchmarks/int8_layer_scheme.py records both measurements side by side).
-DEFAULT_THRESHOLD_DB = 30.0
+SCHEMES = ("static", "per_step", "per_frame")
 
 
 def quantize_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -58,6 +58,24 @@ def _quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tens
     scale = ((hi - lo) / 255.0).clamp(min=1e-12)
     zero = torch.round(-lo / scale) - 128
     return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
+def quantize_per_step(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric int8 fake quantization with one range per batch element (one call's tensor for
+    one diffusion time step and CFG branch), computed at run time: what XNNPACK's dynamically
+    quantized convolution does with its input (one set of parameters per image)."""
+    flat = x.reshape(x.shape[0], -1)
+    lo = flat.amin(dim=1).clamp(max=0.0).reshape(-1, *([1] * (x.dim() - 1)))
+    hi = flat.amax(dim=1).clamp(min=0.0).reshape(-1, *([1] * (x.dim() - 1)))
+    return _quantize(x, lo, hi)
+
+
+def per_step_supported(leaf: nn.Module) -> bool:
+    """Layers targets.executorch can run with one run-time scale per step: ungrouped Conv1d (as a
+    2-D convolution, XNNPACK's dynamically quantized convolution is 2-D only) and Linear (its
+    dynamic kernel quantizes each row, which is finer still)."""
+    return type(leaf) is nn.Linear or (type(leaf) is nn.Conv1d and leaf.groups == 1
+                                       and not isinstance(leaf.padding, str))
 
 
 def per_frame_supported(leaf: nn.Module) -> bool:
@@ -131,6 +149,14 @@ def fake_quantized(model: nn.Module, schemes: dict[str, str], ranges: dict[str, 
             lo, hi = ranges[name]
             leaf.register_forward_pre_hook(lambda m, inp, lo=lo, hi=hi: (static_quantize(inp[0], lo, hi), *inp[1:]))
             continue
+        if scheme == "per_step":
+            if not per_step_supported(leaf):
+                raise TypeError(f"{name}: {type(leaf).__name__} has no per-step lowering")
+            if type(leaf) is nn.Linear:  # rows: the dynamic linear kernel's own granularity
+                leaf.register_forward_pre_hook(lambda m, inp: (quantize_rows(inp[0], dim=-1), *inp[1:]))
+            else:
+                leaf.register_forward_pre_hook(lambda m, inp: (quantize_per_step(inp[0]), *inp[1:]))
+            continue
         if not per_frame_supported(leaf):
             raise TypeError(f"{name}: {type(leaf).__name__} has no per-frame lowering")
         parent, _, child = name.rpartition(".")
@@ -153,36 +179,68 @@ def _outputs(model: nn.Module, feeds: list[tuple[torch.Tensor, ...]]) -> list[to
 
 
 @torch.no_grad()
-def one_layer_sqnr(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], layers: Iterable[str],
-                   ranges: dict[str, tuple[float, float]] | None = None, *,
+def observe_output_ranges(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]],
+                          layers: Iterable[str]) -> dict[str, tuple[float, float]]:
+    """The min/max of each named layer's output over ``model(*feed)``."""
+    out = {n: (math.inf, -math.inf) for n in layers}
+
+    def hook(name):
+        def post(module, inputs, output):
+            lo, hi = out[name]
+            out[name] = (min(lo, float(output.min())), max(hi, float(output.max())))
+        return post
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in out]
+    try:
+        for feed in feeds:
+            model(*feed)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def one_layer_sqnr(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], layers: Iterable[str], *,
+                   range_feeds: Iterable[tuple[torch.Tensor, ...]] | None = None,
                    threshold_db: float | None = None, progress: bool = False) -> dict[str, dict[str, float | None]]:
-    """Per layer: SQNR (dB) of the model's output over ``feeds`` when only that layer is int8
-    (weights per output channel, input static or per frame), against the float model.
+    """Per layer: SQNR (dB) of the model's output over ``feeds`` when only that layer is int8,
+    against the float model.
 
     The method of PTQ4ADM's per-layer sensitivity (one layer quantized at a time, the rest full
     precision), on one call of the component rather than a whole trajectory: a layer's error
     counts by what reaches the output, which its own output SQNR does not tell (the demo's
-    ``conv_in`` keeps 35 dB locally and costs the final latent the most). ``ranges``: the static
-    ranges (default: the min/max of each layer's input over ``feeds``, what PT2E's observers
-    record). With ``threshold_db``, per frame is measured only for layers whose static SQNR is below it.
+    ``conv_in`` keeps 35 dB locally and costs the final latent the most).
+
+    * ``static``: what the static XNNPACK lowering runs: int8 weights per output channel, the
+      input quantized with one calibrated range, and the output too (a static int8 convolution
+      writes int8). The ranges are the min/max over ``range_feeds`` (default ``feeds``), as PT2E's
+      observers record them; measured on other feeds than the ranges came from, clipping of
+      inputs the calibration did not cover counts, as it does on the device.
+    * ``per_frame``: the same weights, the input quantized per output frame at run time, the
+      output float (a dynamically quantized Linear writes float). With ``threshold_db``, measured
+      only for layers whose static SQNR is below it (None where not measured or not lowerable).
     """
     from calibration.fakequant import observe_ranges
 
     feeds = list(feeds)
     layers = list(layers)
-    if ranges is None:
-        ranges = observe_ranges(model, feeds, layers=layers)
+    range_feeds = feeds if range_feeds is None else list(range_feeds)
+    ranges = observe_ranges(model, range_feeds, layers=layers)
+    out_ranges = observe_output_ranges(model, range_feeds, layers)
     reference = _outputs(model, feeds)
     signal = sum(float(r.double().pow(2).sum()) for r in reference)
 
     def sqnr_with(name: str, scheme: str) -> float:
         leaf = model.get_submodule(name)
         q = _int8_weights(leaf)
-        lo, hi = ranges[name]
+        (lo, hi), (out_lo, out_hi) = ranges[name], out_ranges[name]
 
         def replace(module, inputs, output):
             x = inputs[0]
-            return q(static_quantize(x, lo, hi)) if scheme == "static" else per_frame_forward(q, x)
+            if scheme == "static":
+                return static_quantize(q(static_quantize(x, lo, hi)), out_lo, out_hi)
+            return per_frame_forward(q, x)
 
         handle = leaf.register_forward_hook(replace)
         try:
@@ -207,7 +265,7 @@ def one_layer_sqnr(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], 
 
 
 def choose_schemes(measured: dict[str, dict[str, float | None]], *,
-                   threshold_db: float = DEFAULT_THRESHOLD_DB) -> dict[str, str]:
+                   threshold_db: float) -> dict[str, str]:
     """Per frame where static keeps less than ``threshold_db`` of local SQNR and per frame keeps
     more; static everywhere else."""
     out = {}

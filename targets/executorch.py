@@ -30,7 +30,9 @@ entry becomes on XNNPACK:
 |                       | Conv1d runs as a time-major Linear (:func:`conv1d_as_linear`), whose     |
 |                       | dynamically quantized XNNPACK kernel quantizes each row. ``"static"``:   |
 |                       | one calibrated scale per tensor, and every int8 layer's output is        |
-|                       | quantized too. ConvTranspose1d and grouped convs are always static       |
+|                       | quantized too. ``"per_layer"``: static or per frame for each layer, by   |
+|                       | measurement (:func:`measure_schemes`, recorded in the lowering report).  |
+|                       | ConvTranspose1d and grouped convs are always static                      |
 | int8 w / fp16-32 a    | the same per-frame int8 activations (``W8A16_ON_XNNPACK = "per_frame"``):  |
 |                       | XNNPACK has no int8-weight kernel with float activations; ``"float"``     |
 |                       | keeps the layer fp32 at 4× the bytes                                      |
@@ -38,26 +40,34 @@ entry becomes on XNNPACK:
 |                       | Linear and rewritable Conv1d only, other convs fall back to int8          |
 | fp16 / fp32 w         | fp32: one XNNPACK program here is float32 or integer, not half per layer |
 
-Why per-frame by default, measured on the demo denoiser with its refined w8a8 plan (16-step
-sampling, worst of the bundle's reference examples): static int8 activations gave 19.3 dB latent
-SNR even with every W8A16 layer kept fp32 (0.63 of the fp32 bytes); per-frame activations on
-every int8 layer pass the budget (21.0 dB worst in the bundle check, 0.31 of the bytes; a
-fake-quantized estimate over 8 calibration examples gave 29.9 dB mean, 19.8 dB worst, and 32.4 /
-27.0 dB for the 36 dB-target plan). A diffusion U-Net's activations vary over time steps (seed
-001's premise); one calibrated scale per tensor has to cover all of them, a scale computed at run time
-for each call and latent frame (row of the time-major linear) does not; the calibrated ranges are
-then unused, and the lowering report says so for every such layer.
-The price is speed (BENCHMARKS.md): per-frame computes its scales per call and copies the im2col
-taps, 0.77× eager fp32 for the paper denoiser against 0.56× static, and 0.74× against 0.30× for
-the SAO decoder, whose kernel-7 convolutions copy seven taps. Those speeds were measured with
-the graph cut into 40 delegates (GroupNorm, split and expand outside XNNPACK, and every
-per-frame linear its own delegate); they are to be measured again on the whole graph
-(benchmarks/int8_scheme.py --speed) before the default is chosen again. Quality on the whole
-graph (``python benchmarks/int8_scheme.py --checkpoint toolkit/assets/demo-teacher --examples 6
---steps 16 --calib-tracks 12``: the demo v3 denoiser, CFG batch 2, every layer W8A8, 64 PTQ4ADM
-calibration inputs, 6 held-out synthetic examples; not yet on the distilled student): static 6.1 dB
-mean / 2.2 dB worst latent SNR, distance over spread 0.145 / 0.290; per-frame 23.5 / 10.3 dB,
-0.009 / 0.045. Per-frame stays the default.
+Why per frame by default (BENCHMARKS.md, "int8 activation scheme on ExecuTorch" and "int8
+activation schemes on the whole denoiser, as arithmetic"): on the distilled demo student, every
+layer W8A8, 8 held-out examples, the lowered programs keep 29.2 dB mean / 20.0 dB worst latent
+SNR per frame against 16.8 / 12.1 static; a per-layer mix (static where a layer alone keeps the
+threshold) kept 17.7 / 13.7 with 7 layers per frame chosen with static measured on the inputs its
+ranges came from, and 18.2 / 14.8 with 19 chosen as :func:`measure_schemes` does now (static
+as lowered, input and output at ranges from other calibration inputs; as arithmetic that mix
+keeps 25.6 / 15.5, so the lowered static layers lose more than the model of them says). A
+diffusion U-Net's activations move with the time step (PTQ4ADM's premise): one calibrated scale
+per tensor has to cover all of them, a scale computed at run time for each call does not; the
+calibrated ranges are then unused, and the lowering report says so for every such layer. The
+price is speed: per frame runs each convolution on an unfolded input (slices, a concatenation and
+transposes around a Linear), which on the ``paper`` denoiser costs more than its GEMMs.
+
+One scale per call and batch element (per diffusion time step) would keep most of the quality
+(26.0 / 21.0 dB as arithmetic on the same examples) on XNNPACK's native int8 convolution with no
+unfolding: its dynamically quantized 2-D convolution. ExecuTorch 1.5.1 cannot lower it for this
+model family (checked on the installed package): (1) its XNNPACK partitioner and quantizer take
+dynamic quantization for 2-D, non-depthwise convolutions only, so a Conv1d has to run as a Conv2d
+over (B, C, 1, T); (2) with the reshape to 4-D inside the delegate, the layout pass
+(``ChannelsLastTaggedReshapePass.input_to_nhwc``, dynamic-quant branch) walks back from the
+dynamic dequantize through ``args[0]`` until it meets a node without a node argument, past the
+reshape to the rank-3 tensor, and fails ("required rank 4 tensor to use channels_last format");
+(3) with the delegate cut before the quantization chain (an unsqueeze or a one-input cat left
+outside, both unsupported there), a two-convolution model lowers and runs, but on the SoftAlign
+U-Net the partitioner builds partitions with dependency cycles ("Invalid partition, found
+dependency cycles"). The arithmetic is modelled in :mod:`calibration.act_schemes`
+(``per_step``) so that the figure above is measured, not assumed.
 
 Positive selection by module name needs ``nn_module_stack`` on the weight ``get_attr`` nodes,
 which ``torch.export`` leaves empty (NOTES.md); it is filled from the attribute path before
@@ -253,19 +263,20 @@ def _fill_get_attr_module_stack(graph_module) -> None:
                 f"fill_{i}": (".".join(parts[:i + 1]), object) for i in range(len(parts))}
 
 
-# How int8 activations lower to XNNPACK: "per_layer" (the default: each W8A8 layer measured on the
-# calibration inputs, one layer at a time, static where it keeps SCHEME_THRESHOLD_DB of the
-# component's output SQNR, per latent frame where it does not; calibration.act_schemes),
-# "per_frame" (dynamic, one scale per latent frame, every layer) or "static" (one calibrated scale
-# per tensor, every layer; every int8 layer's output quantized too). See the module doc.
-INT8_ACTIVATIONS_ON_XNNPACK = "per_layer"
-INT8_SCHEMES = ("per_layer", "per_frame", "static")
-# One-layer component-output SQNR (dB) under static int8 below which a layer runs per frame. On
-# the demo student this picks the same 7 layers as the end-to-end one-layer latent measurement at
-# 40 dB (benchmarks/int8_layer_scheme.py; the 8th, up.2.res.0.conv1, measures 35.0 dB).
-SCHEME_THRESHOLD_DB = 35.0
-# Calibration inputs the per-layer measurement runs (evenly spaced over the set; each layer costs
-# one or two calls per input).
+# How int8 activations lower to XNNPACK: "per_frame" (the default: dynamic, one scale per latent
+# frame, every layer), "per_layer" (each W8A8 layer measured on the calibration inputs, one layer
+# at a time: static where it keeps SCHEME_THRESHOLD_DB of the component's output SQNR, per frame
+# where it does not; calibration.act_schemes) or "static" (one calibrated scale per tensor, every
+# layer; every int8 layer's output quantized too). See the module doc for the figures behind the
+# default.
+INT8_ACTIVATIONS_ON_XNNPACK = "per_frame"
+INT8_SCHEMES = ("per_frame", "per_layer", "static")
+# One-layer component-output SQNR (dB) under static int8 (input and output quantized with ranges
+# from other calibration inputs than the ones measured) below which "per_layer" runs a layer per
+# frame. On the demo student 21 of 51 layers fall below it (benchmarks/int8_layer_scheme.py).
+SCHEME_THRESHOLD_DB = 40.0
+# Calibration inputs the per-layer measurement runs (each layer costs one or two calls per input);
+# the static ranges come from the other half of the calibration inputs.
 SCHEME_FEEDS = 16
 # How a W8A16 entry (int8 weights, float activations) lowers: "per_frame" (int8 activations per time
 # step, dynamic; XNNPACK has no 16-bit activation kernel) or "float" (fp32, 4× the bytes).
@@ -368,28 +379,27 @@ def measure_schemes(module, plan: dict, calib: list, *, threshold_db: float | No
                     feeds: int | None = None) -> dict:
     """Which W8A8 layers run static and which per frame, measured (calibration.act_schemes).
 
-    One layer at a time int8 (the rest float) on ``feeds`` calibration inputs evenly spaced over
-    ``calib``: the component's output SQNR with that layer's input static (the calibrated min/max)
-    and, where that is below ``threshold_db``, per frame. Returns the record the manifest keeps:
-    threshold, inputs used, per-layer dB and the chosen scheme.
+    One layer at a time int8 (the rest float): the component's output SQNR with that layer static
+    (input and output quantized with the min/max over every other calibration input) on up to
+    ``feeds`` of the remaining ones, and, where that is below ``threshold_db``, per frame. With a
+    single calibration input the ranges come from the input measured. Returns the record the
+    manifest keeps: threshold, inputs used, per-layer dB and the chosen scheme.
     """
-    from calibration.act_schemes import (
-        choose_schemes,
-        one_layer_sqnr,
-        per_frame_supported,
-    )
+    from calibration.act_schemes import choose_schemes, one_layer_sqnr, per_frame_supported
 
     threshold_db = SCHEME_THRESHOLD_DB if threshold_db is None else threshold_db
     feeds = SCHEME_FEEDS if feeds is None else feeds
     layers = [n for n, p in plan.items() if p.weights == "int8" and p.activations == "int8"
               and per_frame_supported(module.get_submodule(n))]
-    step = max(1, len(calib) // feeds)
-    used = list(calib)[::step][:feeds]
-    measured = one_layer_sqnr(module, used, layers, threshold_db=threshold_db) if layers else {}
+    calib = list(calib)
+    range_feeds, measured_feeds = (calib[0::2], calib[1::2][:feeds]) if len(calib) > 1 else (calib, calib)
+    measured = one_layer_sqnr(module, measured_feeds, layers, range_feeds=range_feeds,
+                              threshold_db=threshold_db) if layers else {}
     schemes = choose_schemes(measured, threshold_db=threshold_db)
-    return {"method": "one layer at a time int8, the component's output SQNR over the calibration inputs "
+    return {"method": "one layer at a time int8 (static: input and output at calibrated ranges), the "
+                      "component's output SQNR over calibration inputs other than the ranges' "
                       "(calibration.act_schemes.one_layer_sqnr)",
-            "threshold_db": threshold_db, "inputs": len(used),
+            "threshold_db": threshold_db, "inputs": len(measured_feeds), "range_inputs": len(range_feeds),
             "per_frame": sorted(n for n, k in schemes.items() if k == "per_frame"),
             "layers": {n: {"static_db": _round_db(m["static"]), "per_frame_db": _round_db(m["per_frame"]),
                            "scheme": schemes[n]} for n, m in measured.items()},

@@ -102,3 +102,32 @@ def test_a_layer_without_a_per_frame_lowering_is_measured_static_only():
     assert choose_schemes(measured, threshold_db=1e9) == {"0": "static"}
     with pytest.raises(TypeError, match="no per-frame lowering"):
         fake_quantized(model, {"0": "per_frame"}, {"0": (-1.0, 1.0)})
+
+
+def test_static_is_measured_on_inputs_its_ranges_did_not_see():
+    """Ranges from quiet inputs clip loud ones: measured on other inputs than its ranges came from,
+    static loses what it would lose on the device; per frame does not depend on the ranges."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1)).eval()
+    quiet = [(torch.randn(1, 4, 32),) for _ in range(2)]
+    loud = [(4.0 * torch.randn(1, 4, 32),) for _ in range(2)]
+    seen = one_layer_sqnr(model, loud, ["0"], range_feeds=loud)["0"]
+    unseen = one_layer_sqnr(model, loud, ["0"], range_feeds=quiet)["0"]
+    assert unseen["static"] < seen["static"] - 10.0, (seen, unseen)
+    assert unseen["per_frame"] == pytest.approx(seen["per_frame"])
+
+
+def test_per_step_quantizes_each_batch_element_on_its_own_range():
+    from calibration.act_schemes import quantize_per_step
+
+    x = torch.stack([torch.linspace(-1, 1, 64), torch.linspace(-100, 100, 64)]).reshape(2, 4, 16)
+    q = quantize_per_step(x)
+    assert float((q[0] - x[0]).abs().max()) <= 2 / 255  # the small element keeps its own fine step
+    assert float((q[1] - x[1]).abs().max()) <= 200 / 255
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1)).eval()
+    stepped = fake_quantized(model, {"0": "per_step"}, {})
+    with torch.no_grad():
+        got, want = stepped(x), model(x)
+    for i in range(2):  # each element keeps ~8 bits of its own size (int8 weights and input)
+        sqnr = 10 * torch.log10(want[i].pow(2).sum() / (got[i] - want[i]).pow(2).sum())
+        assert float(sqnr) > 30.0, (i, float(sqnr))
