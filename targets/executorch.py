@@ -518,7 +518,10 @@ def _frame_layers_read_float(graph_module, frame_layers: set[str]) -> None:
     unfolding's first op (the zero pad) then takes int8 in and gives float out, which XNNPACK
     refuses ("Failed to create StaticConstantPad node ... xnn_status_invalid_parameter"). The
     layer quantizes its rows itself at run time: its ops read the float value. Dynamic
-    quantization (scales computed in the graph) is left alone.
+    quantization (scales computed in the graph) is left alone, and so is the output of a static
+    int8 convolution or linear: XNNPACK takes such a layer only when every user of its output is
+    its quantize (bypassing it left the static ``downsample.0`` of the tiny U-Net outside the
+    delegate, and its weight's ``dequantize_per_channel`` without a kernel).
     """
     import torch
 
@@ -535,7 +538,11 @@ def _frame_layers_read_float(graph_module, frame_layers: set[str]) -> None:
             continue
         for arg in list(node.all_input_nodes):
             if is_static(arg, "dequantize_per_tensor") and is_static(arg.args[0], "quantize_per_tensor"):
-                node.replace_input_with(arg, arg.args[0].args[0])
+                source = arg.args[0].args[0]
+                if getattr(source, "op", None) == "call_function" and any(
+                        k in str(source.target) for k in ("conv", "linear")):
+                    continue  # a static int8 layer writes int8: XNNPACK wants only quantize users there
+                node.replace_input_with(arg, source)
                 changed = True
     if changed:
         graph_module.graph.eliminate_dead_code()
