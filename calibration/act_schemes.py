@@ -190,13 +190,9 @@ def observe_output_ranges(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, 
             out[name] = (min(lo, float(output.min())), max(hi, float(output.max())))
         return post
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in out]
-    try:
-        for feed in feeds:
-            model(*feed)
-    finally:
-        for h in handles:
-            h.remove()
+    from calibration.fakequant import run_hooked
+
+    run_hooked(model, feeds, [model.get_submodule(n).register_forward_hook(hook(n)) for n in out])
     return out
 
 

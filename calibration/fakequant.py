@@ -116,6 +116,16 @@ def denoiser_feeds(calib, *, batch: int, guidance: float | None = None, folded: 
                                      limit=limit))
 
 
+def run_hooked(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], handles: list) -> None:
+    """``model(*feed)`` for every feed with the observing ``handles`` registered; removes them after."""
+    try:
+        for feed in feeds:
+            model(*feed)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def observe_ranges(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], *,
                    layers: Iterable[str] | None = None, observer: str = "minmax",
@@ -145,13 +155,7 @@ def observe_ranges(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], 
                 samples[name].append(flat.to(torch.float64).numpy())
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in leaves.items()]
-    try:
-        for feed in feeds:
-            model(*feed)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, feeds, [m.register_forward_pre_hook(hook(n)) for n, m in leaves.items()])
     if observer == "minmax":
         return {n: (lo[n], hi[n]) for n in leaves}
     out = {}

@@ -302,13 +302,9 @@ def collect_hessians(model: nn.Module, feeds, layers: dict[str, nn.Module]) -> t
             counts[name] += x.shape[0]
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
-    try:
-        for feed in feeds:
-            model(*feed)
-    finally:
-        for h in handles:
-            h.remove()
+    from calibration.fakequant import run_hooked
+
+    run_hooked(model, feeds, [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()])
     missing = [n for n, c in counts.items() if c == 0]
     if missing:
         raise RuntimeError(f"no calibration input reached {missing[:5]}; they cannot be rounded with GPTQ")
