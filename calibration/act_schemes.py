@@ -71,17 +71,23 @@ def quantize_per_step(x: torch.Tensor) -> torch.Tensor:
 
 
 def per_step_supported(leaf: nn.Module) -> bool:
-    """Layers targets.executorch can run with one run-time scale per step: ungrouped Conv1d (as a
-    2-D convolution, XNNPACK's dynamically quantized convolution is 2-D only) and Linear (its
-    dynamic kernel quantizes each row, which is finer still)."""
+    """Layers the per-step model covers, those XNNPACK's dynamically quantized convolution would
+    take: ungrouped Conv1d (as a 2-D convolution) and Linear (its dynamic kernel quantizes each
+    row, which is finer still). targets.executorch does not lower this scheme (its module doc)."""
     return type(leaf) is nn.Linear or (type(leaf) is nn.Conv1d and leaf.groups == 1
                                        and not isinstance(leaf.padding, str))
 
 
+def rewritable_conv1d(leaf: nn.Module) -> bool:
+    """An ungrouped, zero-padded Conv1d with numeric padding: what targets.executorch can run as
+    a time-major Linear (per frame)."""
+    return (type(leaf) is nn.Conv1d and leaf.groups == 1 and leaf.padding_mode == "zeros"
+            and not isinstance(leaf.padding, str))
+
+
 def per_frame_supported(leaf: nn.Module) -> bool:
-    """Layers targets.executorch can run per frame: Linear, and ungrouped zero-padded Conv1d."""
-    return type(leaf) is nn.Linear or (type(leaf) is nn.Conv1d and leaf.groups == 1
-                                       and leaf.padding_mode == "zeros" and not isinstance(leaf.padding, str))
+    """Layers targets.executorch can run per frame: Linear, and :func:`rewritable_conv1d` ones."""
+    return type(leaf) is nn.Linear or rewritable_conv1d(leaf)
 
 
 def per_frame_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
@@ -124,27 +130,23 @@ class PerFrame(nn.Module):
         return per_frame_forward(self.inner, x)
 
 
-def _int8_weights(leaf: nn.Module) -> nn.Module:
+def _int8_weights_(leaf: nn.Module) -> nn.Module:
+    """``leaf`` with its weight rounded to int8 per output channel, in place."""
     from calibration.fakequant import fake_quantize_weight
 
-    q = copy.deepcopy(leaf)
     with torch.no_grad():
-        q.weight.copy_(fake_quantize_weight(q.weight, 8, per_channel=True))
-    return q
+        leaf.weight.copy_(fake_quantize_weight(leaf.weight, 8, per_channel=True))
+    return leaf
 
 
 def fake_quantized(model: nn.Module, schemes: dict[str, str], ranges: dict[str, tuple[float, float]]) -> nn.Module:
     """A copy of ``model`` whose named leaves have int8 per-channel weights and int8 input under
     the given scheme (``static``: the calibrated ``ranges``; ``per_frame``: run-time ranges)."""
-    from calibration.fakequant import fake_quantize_weight
-
     q = copy.deepcopy(model)
     for name, scheme in schemes.items():
         if scheme not in SCHEMES:
             raise ValueError(f"{name}: scheme must be one of {SCHEMES}, got {scheme!r}")
-        leaf = q.get_submodule(name)
-        with torch.no_grad():
-            leaf.weight.copy_(fake_quantize_weight(leaf.weight, 8, per_channel=True))
+        leaf = _int8_weights_(q.get_submodule(name))
         if scheme == "static":
             lo, hi = ranges[name]
             leaf.register_forward_pre_hook(lambda m, inp, lo=lo, hi=hi: (static_quantize(inp[0], lo, hi), *inp[1:]))
@@ -229,7 +231,7 @@ def one_layer_sqnr(model: nn.Module, feeds: Iterable[tuple[torch.Tensor, ...]], 
 
     def sqnr_with(name: str, scheme: str) -> float:
         leaf = model.get_submodule(name)
-        q = _int8_weights(leaf)
+        q = _int8_weights_(copy.deepcopy(leaf))
         (lo, hi), (out_lo, out_hi) = ranges[name], out_ranges[name]
 
         def replace(module, inputs, output):

@@ -248,10 +248,9 @@ def conv1d_as_linear(module, names):
 
 
 def _rewritable_conv1d(leaf) -> bool:
-    from torch import nn
+    from calibration.act_schemes import rewritable_conv1d
 
-    return (type(leaf) is nn.Conv1d and leaf.groups == 1 and leaf.padding_mode == "zeros"
-            and not isinstance(leaf.padding, str))
+    return rewritable_conv1d(leaf)
 
 
 def _fill_get_attr_module_stack(graph_module) -> None:
@@ -385,7 +384,11 @@ def measure_schemes(module, plan: dict, calib: list, *, threshold_db: float | No
     single calibration input the ranges come from the input measured. Returns the record the
     manifest keeps: threshold, inputs used, per-layer dB and the chosen scheme.
     """
-    from calibration.act_schemes import choose_schemes, one_layer_sqnr, per_frame_supported
+    from calibration.act_schemes import (
+        choose_schemes,
+        one_layer_sqnr,
+        per_frame_supported,
+    )
 
     threshold_db = SCHEME_THRESHOLD_DB if threshold_db is None else threshold_db
     feeds = SCHEME_FEEDS if feeds is None else feeds
